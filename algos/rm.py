@@ -1,0 +1,195 @@
+"""Reward model (RM): a scalar head on the last token, trained on preference pairs (Bradley-Terry).
+
+The SFT model gets a linear head that reads the hidden state of the last non-pad token (the
+response's end-of-turn token) and outputs one score r(x, y). Under the Bradley-Terry model
+P(y_w ≻ y_l | x) = σ(r(x, y_w) - r(x, y_l)), and the loss is its negative log-likelihood over the
+global batch of M pairs; chosen and rejected go through the model in one forward:
+
+    L(φ) = -(1/M) Σ_i log σ(r_φ(x_i, y_w,i) - r_φ(x_i, y_l,i))
+
+Reference: InstructGPT, arXiv:2203.02155 (§3.5); Bradley & Terry 1952.
+Data: JSONL, {"prompt": ..., "chosen": ..., "rejected": ...} (strings or message lists).
+Run:  python algos/rm.py
+      torchrun --nproc_per_node 8 algos/rm.py --model runs/sft --data pairs.jsonl --max_len 1024
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import data, dist, toy  # noqa: E402
+from common.template import IGNORE, encode_response  # noqa: E402
+
+
+@dataclass
+class Args:
+    model: str = "runs/sft"  # path or hub name of the policy to start from; default: the SFT output
+    data: str = ""  # JSONL of preference pairs; default: the embedded pairs
+    eval_data: str = ""  # JSONL of held-out pairs; default: the embedded held-out pairs
+    output_dir: str = "runs/rm"  # model, args.json, metrics.jsonl, checkpoint/
+    max_len: int = 128  # pairs with a side longer than this are dropped (and counted)
+    batch_size: int = 32  # pairs per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_steps: int = 300  # optimizer steps; 0: run --epochs over the data
+    epochs: int = 1  # passes over the data when max_steps is 0
+    warmup_ratio: float = 0.05  # fraction of steps of linear warmup before the cosine decay
+    seed: int = 0  # seed of the data order and of every RNG
+    log_every: int = 10  # steps between metrics lines
+    eval_every: int = 100  # steps between evaluations (0: only at the end)
+    save_every: int = 100  # steps between resumable checkpoints (0: none)
+    resume: bool = False  # continue from output_dir/checkpoint when it exists
+    trust_remote_code: bool = False  # allow model code from the hub to run
+
+
+def bt_loss(r_chosen_M, r_rejected_M, n_pairs):
+    """Σ_i -log σ(r_w,i - r_l,i) / n_pairs, n_pairs the global pair count; logsigmoid is stable for any margin."""
+    return -F.logsigmoid(r_chosen_M - r_rejected_M).sum() / max(n_pairs, 1)
+
+
+def load_pairs(path, tok, args):
+    """-> [(chosen ids, rejected ids)], each cut after its last response token (the end-of-turn token)."""
+    pairs, n_long = [], 0
+    for where, rec in data.read_jsonl(path):
+        prompt, chosen, rejected = data.preference(rec, where)
+        sides = []
+        for resp in (chosen, rejected):
+            ids, labels = encode_response(tok, prompt, resp)
+            sides.append(ids[:max(i for i, l in enumerate(labels) if l != IGNORE) + 1])
+        if max(map(len, sides)) > args.max_len:
+            n_long += 1
+        elif tok.pad_token_id in (sides[0][-1], sides[1][-1]):
+            data.fail(f"{where}: a response ends with the pad token {tok.pad_token!r}; the head would read the wrong position")
+        else:
+            pairs.append(tuple(sides))
+    return pairs, n_long
+
+
+def main(args):
+    rank, world, device = dist.setup(args.seed)
+    args.data = args.data or toy.data("prefs.jsonl")
+    args.eval_data = args.eval_data or toy.data("prefs_eval.jsonl")
+    say = tqdm.write if rank == 0 else (lambda *_: None)
+    if args.model == "runs/sft" and not os.path.exists(args.model):
+        data.fail("runs/sft not found: run algos/sft.py first, or pass --model")
+
+    # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        data.fail(f"cannot load tokenizer {args.model!r}: {str(e).splitlines()[0]}")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    pairs, n_long = load_pairs(args.data, tok, args)
+    eval_pairs, _ = load_pairs(args.eval_data, tok, args)
+    if not pairs:
+        data.fail(f"{args.data}: no pair fits max_len={args.max_len}")
+    say(f"{len(pairs)} pairs; {n_long} with a side longer than max_len={args.max_len} were dropped")
+    G = args.batch_size * args.grad_accum * world  # pairs per optimizer step
+    if len(pairs) < G:
+        data.fail(f"{args.data}: {len(pairs)} pairs, fewer than one global batch of {G}")
+    steps_per_epoch = len(pairs) // G
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+
+    # Model: the SFT backbone plus a freshly initialised scalar head ("score"), read at the last non-pad token.
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            args.model, num_labels=1, pad_token_id=tok.pad_token_id, dtype=torch.float32,
+            attn_implementation=dist.attn_impl(device), trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        data.fail(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}")
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        data.fail(f"tokenizer has {len(tok)} tokens but model {args.model!r} embeds only {model.get_input_embeddings().num_embeddings}")
+    model = dist.shard(model, world, device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    start = dist.load_checkpoint(ckpt, model, opt, sched, rank) if args.resume else 0
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start)
+    if start:
+        say(f"resumed from {ckpt} at step {start}")
+
+    def rewards(batch_pairs):
+        """Chosen and rejected of every pair in one right-padded forward -> (r_chosen, r_rejected)."""
+        seqs = [c for c, _ in batch_pairs] + [r for _, r in batch_pairs]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        with dist.autocast(device):
+            r = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1).float()
+        return r[:len(batch_pairs)], r[len(batch_pairs):]
+
+    def evaluate():
+        model.eval()
+        tot = torch.zeros(3)
+        with torch.no_grad():
+            for i in range(rank * args.batch_size, len(eval_pairs), world * args.batch_size):
+                rc, rr = rewards(eval_pairs[i:i + args.batch_size])
+                tot += torch.tensor([(rc > rr).sum().item(), (rc - rr).sum().item(), len(rc)])
+        model.train()
+        tot = dist.all_sum(tot)
+        return {"eval/accuracy": (tot[0] / tot[2]).item(), "eval/margin": (tot[1] / tot[2]).item()}
+
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="rm")
+    t_log, tokens = time.time(), 0.0
+    for step in bar:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
+        idx = order[k * G:(k + 1) * G]
+        micro = [idx[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size] for i in range(args.grad_accum)]
+        n_pairs = G  # M of the equation: every pair of the global batch counts once
+        loss_sum, stats = 0.0, torch.zeros(3)
+        for i, m in enumerate(micro):
+            if world > 1:
+                model.set_requires_gradient_sync(i == len(micro) - 1)
+            batch_pairs = [pairs[j] for j in m.tolist()]
+            rc, rr = rewards(batch_pairs)
+            loss = bt_loss(rc, rr, n_pairs)
+            (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
+            loss_sum += loss.item()
+            stats += torch.tensor([(rc > rr).sum().item(), (rc - rr).sum().item(), len(rc)])
+            tokens += sum(len(c) + len(r) for c, r in batch_pairs)
+        loss_step = dist.all_sum(loss_sum).item()
+        if not math.isfinite(loss_step):
+            data.fail(f"non-finite loss {loss_step} at step {step + 1}; stopping without saving a model")
+        gnorm = dist.grad_norm(model, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            tps = dist.all_sum(tokens).item() / (time.time() - t_log)
+            stats = dist.all_sum(stats)
+            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
+            metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"rewards/accuracy": (stats[0] / stats[2]).item(),
+                        "rewards/margin": (stats[1] / stats[2]).item()}, **extra)
+            t_log, tokens = time.time(), 0.0
+        if args.save_every and done % args.save_every == 0 and done < total_steps:
+            dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
+    dist.save_model(model, tok, args.output_dir, rank)
+    say(f"saved {args.output_dir}")
+
+
+def parse_args(argv=None):
+    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+
+
+if __name__ == "__main__":
+    main(parse_args())

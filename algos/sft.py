@@ -1,0 +1,204 @@
+"""Supervised fine-tuning (SFT): next-token likelihood of the assistant turns only.
+
+Each conversation is rendered by the model's own chat template; only assistant tokens (and their
+end-of-turn token) carry labels, over every assistant turn of a multi-turn chat. Documents are
+packed into rows of --max_len tokens with position_ids restarting per document, so no document
+attends to another (--packing false pads instead). The loss is normalised by the global number of
+assistant tokens in the optimizer step, so it is the same whatever --grad_accum and process count:
+
+    L(θ) = -(1/N) Σ_i Σ_{t ∈ A_i} log πθ(x_{i,t} | x_{i,<t}),   A_i = assistant positions of chat i, N = Σ_i |A_i|
+
+Reference: InstructGPT, arXiv:2203.02155 (the SFT stage).
+Data: JSONL, {"messages": [{"role", "content"}, ...]} or {"prompt": ..., "completion": ...}.
+Run:  python algos/sft.py
+      torchrun --nproc_per_node 8 algos/sft.py --model Qwen/Qwen2.5-0.5B --data chats.jsonl --max_len 2048
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import data, dist, toy  # noqa: E402
+from common.packing import fit, pack, pad  # noqa: E402
+from common.template import IGNORE, encode_chat  # noqa: E402
+
+
+@dataclass
+class Args:
+    model: str = ""  # path or hub name; default: the embedded base model
+    data: str = ""  # JSONL of conversations; default: the embedded SFT set
+    eval_data: str = ""  # JSONL of {"prompt","answer"} (accuracy) or conversations (loss); default: embedded eval set
+    output_dir: str = "runs/sft"  # model, args.json, metrics.jsonl, checkpoint/
+    max_len: int = 256  # tokens per packed row (or per document when padding)
+    packing: bool = True  # pack documents into rows (False: one padded document per row)
+    truncate: bool = True  # documents longer than max_len are truncated (False: dropped); counted either way
+    batch_size: int = 8  # rows per process per micro-batch (a packed row holds several documents)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_steps: int = 1000  # optimizer steps; 0: run --epochs over the data
+    epochs: int = 1  # passes over the data when max_steps is 0
+    warmup_ratio: float = 0.05  # fraction of steps of linear warmup before the cosine decay
+    seed: int = 0  # seed of the data order and of every RNG
+    log_every: int = 10  # steps between metrics lines
+    eval_every: int = 100  # steps between evaluations (0: only at the end)
+    save_every: int = 100  # steps between resumable checkpoints (0: none)
+    resume: bool = False  # continue from output_dir/checkpoint when it exists
+    trust_remote_code: bool = False  # allow model code from the hub to run
+
+
+def token_logps(logits_NV, labels_N, chunk=4096):
+    """log p(label) = logit[label] - logsumexp(logits), in chunks, so no full fp32 log-softmax exists."""
+    out = [logits_NV[i:i + chunk].gather(-1, labels_N[i:i + chunk, None]).squeeze(-1).float()
+           - torch.logsumexp(logits_NV[i:i + chunk].float(), dim=-1) for i in range(0, len(labels_N), chunk)]
+    return torch.cat(out) if out else logits_NV.new_zeros(0, dtype=torch.float32)
+
+
+def sft_loss(logits_BTV, labels_BT, n_tokens):
+    """Σ over labelled positions of -log πθ(x_t | x_<t), divided by n_tokens, the global label count.
+    Logits at t predict the label at t+1. A micro-batch with no labels contributes exactly 0."""
+    labels = labels_BT[:, 1:]
+    mask = labels != IGNORE
+    return -token_logps(logits_BTV[:, :-1][mask], labels[mask]).sum() / max(n_tokens, 1)
+
+
+def load_docs(path, tok, args):
+    docs = [encode_chat(tok, data.conversation(rec, where)) for where, rec in data.read_jsonl(path)]
+    docs, n_long = fit(docs, args.max_len, args.truncate)
+    docs = [d for d in docs if any(l != IGNORE for l in d[1][1:])]
+    return docs, n_long
+
+
+def main(args):
+    rank, world, device = dist.setup(args.seed)
+    args.model = args.model or toy.ensure("base")
+    args.data = args.data or toy.data("sft.jsonl")
+    args.eval_data = args.eval_data or toy.data("eval.jsonl")
+    say = tqdm.write if rank == 0 else (lambda *_: None)
+
+    # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        data.fail(f"cannot load tokenizer {args.model!r}: {str(e).splitlines()[0]}")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    docs, n_long = load_docs(args.data, tok, args)
+    if not docs:
+        data.fail(f"{args.data}: no document has an assistant token within max_len={args.max_len}")
+    say(f"{len(docs)} documents; {n_long} longer than max_len={args.max_len} were {'truncated' if args.truncate else 'dropped'}")
+    eval_recs = [r for _, r in data.read_jsonl(args.eval_data)]
+    eval_acc = "answer" in eval_recs[0]
+    if eval_acc:
+        for where, r in data.read_jsonl(args.eval_data):
+            data.field(r, where, "prompt", str), data.field(r, where, "answer", str)
+    else:
+        eval_docs, _ = load_docs(args.eval_data, tok, args)
+    rows = pack(docs, args.max_len, tok.pad_token_id) if args.packing else None
+    n_rows = len(rows["input_ids"]) if args.packing else len(docs)
+    G = args.batch_size * args.grad_accum * world  # rows per optimizer step
+    if n_rows < G:
+        data.fail(f"{args.data}: {n_rows} rows, fewer than one global batch of {G}")
+    steps_per_epoch = n_rows // G
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+
+    # Model, sharded with FSDP2 when there are several processes.
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+                                                     trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        data.fail(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}")
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        data.fail(f"tokenizer has {len(tok)} tokens but model {args.model!r} embeds only {model.get_input_embeddings().num_embeddings}")
+    model = dist.shard(model, world, device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    start = dist.load_checkpoint(ckpt, model, opt, sched, rank) if args.resume else 0
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start)
+    if start:
+        say(f"resumed from {ckpt} at step {start}")
+
+    def batch_of(idx):
+        """Rows idx -> tensors on device: packed rows (position_ids, no attention mask) or a padded batch."""
+        if args.packing:
+            return {k: rows[k][idx].to(device) for k in ("input_ids", "labels", "position_ids", "n_real")}
+        b = {k: v.to(device) for k, v in pad([docs[i] for i in idx.tolist()], tok.pad_token_id).items()}
+        return {**b, "n_real": b["attention_mask"].sum(-1)}
+
+    def evaluate():
+        if eval_acc:
+            return {"eval/accuracy": toy.evaluate(model, tok, eval_recs)}
+        model.eval()
+        tot = torch.zeros(2)
+        with torch.no_grad():
+            for i in range(rank * args.batch_size, len(eval_docs), world * args.batch_size):
+                b = {k: v.to(device) for k, v in pad(eval_docs[i:i + args.batch_size], tok.pad_token_id).items()}
+                with dist.autocast(device):
+                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+                tot += torch.tensor([sft_loss(logits, b["labels"], 1).item(), (b["labels"][:, 1:] != IGNORE).sum().item()])
+        model.train()
+        tot = dist.all_sum(tot)
+        return {"eval/loss": (tot[0] / tot[1]).item()}
+
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="sft")
+    t_log, tokens = time.time(), 0.0
+    for step in bar:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed + epoch))
+        idx = order[k * G:(k + 1) * G]
+        micro = [idx[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size] for i in range(args.grad_accum)]
+        batches = [batch_of(m) for m in micro]
+        n_tokens = dist.all_sum(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)).item()  # N of the equation
+        loss_sum = 0.0
+        for i, b in enumerate(batches):
+            if world > 1:
+                model.set_requires_gradient_sync(i == len(batches) - 1)
+            with dist.autocast(device):
+                # use_cache=False: with a cache, transformers ignores position_ids when masking and packed docs attend to each other
+                logits = model(input_ids=b["input_ids"], position_ids=b.get("position_ids"),
+                               attention_mask=b.get("attention_mask"), use_cache=False).logits
+            loss = sft_loss(logits, b["labels"], n_tokens)
+            (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
+            loss_sum += loss.item()
+            tokens += b["n_real"].sum().item()
+        loss_step = dist.all_sum(loss_sum).item()
+        if not math.isfinite(loss_step):
+            data.fail(f"non-finite loss {loss_step} at step {step + 1}; stopping without saving a model")
+        gnorm = dist.grad_norm(model, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            tps = dist.all_sum(tokens).item() / (time.time() - t_log)
+            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
+            metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **extra)
+            t_log, tokens = time.time(), 0.0
+        if args.save_every and done % args.save_every == 0 and done < total_steps:
+            dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
+    dist.save_model(model, tok, args.output_dir, rank)
+    say(f"saved {args.output_dir}")
+
+
+def parse_args(argv=None):
+    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+
+
+if __name__ == "__main__":
+    main(parse_args())

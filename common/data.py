@@ -1,0 +1,113 @@
+"""Data I/O: JSONL records validated with one-line errors, and the metrics writer.
+
+Every error raised here is a SystemExit carrying one line, `error: <file>:<line>: <what>`, so a
+script stops with exit status 1 before it has created any output.
+"""
+import json
+import os
+import time
+
+from tqdm import tqdm
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def read_jsonl(path):
+    """[(where, record)] from a local JSONL file, or a Hugging Face dataset name (needs `datasets`)."""
+    if not os.path.exists(path):
+        try:
+            import datasets
+        except ImportError:
+            fail(f"{path}: no such file (install `datasets` to load a hub dataset by name)")
+        return [(f"{path}:{i + 1}", dict(r)) for i, r in enumerate(datasets.load_dataset(path, split="train"))]
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})")
+            if not isinstance(rec, dict):
+                fail(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+            out.append((f"{path}:{i}", rec))
+    if not out:
+        fail(f"{path}: no records (empty file)")
+    return out
+
+
+def field(rec, where, name, types):
+    if name not in rec:
+        fail(f"{where}: missing field '{name}'")
+    if not isinstance(rec[name], types) or (types is not bool and isinstance(rec[name], bool)):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        fail(f"{where}: field '{name}' must be {names}, got {type(rec[name]).__name__}")
+    return rec[name]
+
+
+def messages(value, where, name, default_role):
+    """A string or a list of {"role", "content"} messages -> a validated message list."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        fail(f"{where}: field '{name}' must be a string or a non-empty list of messages")
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            fail(f"{where}: field '{name}[{j}]' must be an object with a string 'content'")
+        if m.get("role") not in ROLES:
+            fail(f"{where}: field '{name}[{j}].role' is {m.get('role')!r}, expected one of {', '.join(ROLES)}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def conversation(rec, where):
+    """SFT record -> messages: {"messages": [...]} or {"prompt": ..., "completion": ...}."""
+    if "messages" in rec:
+        msgs = messages(rec["messages"], where, "messages", "user")
+    else:
+        prompt = messages(field(rec, where, "prompt", (str, list)), where, "prompt", "user")
+        msgs = prompt + messages(field(rec, where, "completion", (str, list)), where, "completion", "assistant")
+    if not any(m["role"] == "assistant" for m in msgs):
+        fail(f"{where}: field 'messages' has no assistant turn (nothing to learn from)")
+    return msgs
+
+
+def preference(rec, where):
+    """Pair record -> (prompt messages, chosen messages, rejected messages)."""
+    prompt = messages(field(rec, where, "prompt", (str, list)), where, "prompt", "user")
+    chosen = messages(field(rec, where, "chosen", (str, list)), where, "chosen", "assistant")
+    rejected = messages(field(rec, where, "rejected", (str, list)), where, "rejected", "assistant")
+    if chosen == rejected:
+        fail(f"{where}: fields 'chosen' and 'rejected' are identical")
+    for name, resp in (("chosen", chosen), ("rejected", rejected)):
+        if not resp[-1]["content"].strip():
+            fail(f"{where}: field '{name}' is an empty completion")
+    return prompt, chosen, rejected
+
+
+class Metrics:
+    """metrics.jsonl (one object per logged step) plus one human-readable line; rank 0 only."""
+
+    def __init__(self, output_dir, enabled, resume_step=0):
+        self.enabled, self.path, self.t0 = enabled, os.path.join(output_dir, "metrics.jsonl"), time.time()
+        if enabled and resume_step and os.path.exists(self.path):  # drop what a killed run logged past its checkpoint
+            with open(self.path) as f:
+                keep = [ln for ln in f if json.loads(ln).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+        elif enabled and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def log(self, step, **m):
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}}
+        row["time"] = round(time.time() - self.t0, 2)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        tqdm.write(line)

@@ -1,0 +1,144 @@
+"""One code path from 1 to N processes: setup, FSDP2 sharding, reductions, saving and resuming.
+
+`python algos/x.py` runs one process; `torchrun --nproc_per_node N algos/x.py` runs N (nccl on
+GPU, gloo on CPU), each decoder layer and then the root sharded with FSDP2 (`fully_shard`).
+FSDP2 averages gradients over processes; the scripts scale their loss by the world size so that
+the loss is a sum over the global batch divided by its global token (or sequence) count.
+"""
+import contextlib
+import importlib.util
+import os
+import random
+import resource
+import shutil
+
+import torch
+import torch.distributed as tdist
+
+
+def setup(seed):
+    """-> (rank, world, device); seeds every RNG identically on every process."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return rank, world, device
+
+
+def attn_impl(device):
+    """flash-attn's varlen kernels when installed on a GPU, else PyTorch's sdpa."""
+    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def shard(model, world, device):
+    """FSDP2 per decoder layer, then the root; bf16 compute with fp32 gradient reduction on GPU."""
+    model.to(device)
+    if world == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def all_sum(x):
+    """Sum of a float tensor (or number) over processes."""
+    x = torch.as_tensor(x, dtype=torch.float64).clone()
+    if tdist.is_initialized():
+        x = x.to("cuda") if torch.cuda.is_available() else x
+        tdist.all_reduce(x)
+    return x.cpu()
+
+
+def grad_norm(model, max_norm):
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+
+def peak_mem_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def save_model(model, tok, output_dir, rank):
+    """Full Hugging Face model + tokenizer from rank 0; files moved into place, config.json last."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        tmp = os.path.join(output_dir, ".tmp_model")
+        shutil.rmtree(tmp, ignore_errors=True)
+        arch = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.models")][:1]
+        model.config.architectures = arch  # not the FSDP wrapper class
+        model.save_pretrained(tmp, state_dict=sd)
+        model.config.architectures = arch
+        model.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for f in sorted(os.listdir(tmp), key=lambda f: f == "config.json"):
+            os.replace(os.path.join(tmp, f), os.path.join(output_dir, f))
+        os.rmdir(tmp)
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def save_checkpoint(path, model, opt, sched, step, rank):
+    """Resumable state: sharded model and optimizer (torch.distributed.checkpoint), scheduler,
+    step and every RNG. Written to path.tmp and swapped in, so a kill never leaves a broken one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save({"sched": sched.state_dict(), "step": step, "rng": rng}, os.path.join(tmp, f"rank{rank}.pt"))
+    _barrier()
+    if rank == 0:
+        if os.path.exists(path):
+            os.replace(path, path + ".old")
+        os.replace(tmp, path)
+        shutil.rmtree(path + ".old", ignore_errors=True)
+    _barrier()
+
+
+def load_checkpoint(path, model, opt, sched, rank):
+    """-> the step to continue from (0 when there is no checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = path if os.path.exists(path) else path + ".old"  # killed between the two renames
+    if not os.path.exists(path):
+        return 0
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
+    sched.load_state_dict(extra["sched"])
+    torch.set_rng_state(extra["rng"]["torch"])
+    random.setstate(extra["rng"]["python"])
+    if extra["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(extra["rng"]["cuda"])
+    return extra["step"]
+
+
+def _barrier():
+    if tdist.is_initialized():
+        tdist.barrier()

@@ -1,0 +1,179 @@
+"""The embedded default: a small verifiable task, its own tokenizer and base models, and data files.
+
+Task: "What is 48+379?" -> "427" (addition and subtraction of 1-3 digit numbers; the two
+operations are the split a task-vector merge needs). The tokenizer has one token per character
+plus ChatML specials and a ChatML chat template. A tiny Llama is pretrained briefly on plain task
+text ("48+379=427"), so it knows the domain but not the chat format. Everything is written under
+runs/toy/, seeded and deterministic, and rebuilt only when missing.
+"""
+import json
+import os
+import random
+import re
+import shutil
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "toy")
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SIZES = {  # base model sizes: the default, and a larger one (teacher for distillation, benchmarks)
+    "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4),
+    "large": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8),
+}
+PRETRAIN_STEPS = {"small": 1500, "large": 1500}
+MAX_DIGITS = 2
+N_EVAL = 256
+
+
+def problem(rng, op=None):
+    op = op or rng.choice("+-")
+    a, b = (rng.randint(0, 10 ** rng.randint(1, MAX_DIGITS) - 1) for _ in range(2))
+    a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+    return f"{a}{op}{b}", str(a + b if op == "+" else a - b)
+
+
+def wrong(rng, answer):
+    """A plausible wrong answer: off by one, off by ten, or two digits swapped."""
+    n = int(answer)
+    for _ in range(10):
+        w = rng.choice([n + 1, n - 1, n + 10, n - 10, int(answer[::-1]) if len(answer) > 1 else n + 2])
+        if w != n and w >= 0:
+            return str(w)
+    return str(n + 1)
+
+
+def verify(completion, answer):
+    """Exact match of the final integer in the completion."""
+    nums = re.findall(r"-?\d+", completion)
+    return float(bool(nums) and nums[-1] == answer)
+
+
+def build_tokenizer(path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<|unk|>", chat_template=CHATML)
+    tok.save_pretrained(path)
+    return tok
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def build_data(path, seed=0):
+    """Disjoint problem sets: train (SFT, preferences, KTO, RL) and held-out eval."""
+    rng, seen, ev = random.Random(seed), set(), []
+    while len(ev) < N_EVAL:
+        q, a = problem(rng)
+        if q not in seen:
+            seen.add(q), ev.append((q, a))
+    train = [(q, a) for q, a in (problem(rng) for _ in range(40000)) if q not in seen]
+    user = lambda q: f"What is {q}?"
+    say = lambda q, a: f"{q}={a}"  # the assistant writes the equation out, then the answer
+    os.makedirs(path)
+    write_jsonl(f"{path}/eval.jsonl", [{"prompt": user(q), "answer": a} for q, a in ev])
+    write_jsonl(f"{path}/rl.jsonl", [{"prompt": user(q), "answer": a} for q, a in train[:8000]])
+    sft = [{"messages": [{"role": "user", "content": user(q)}, {"role": "assistant", "content": say(q, a)}]}
+           for q, a in train[8000:20000]]
+    write_jsonl(f"{path}/sft.jsonl", sft)
+    for op, name in (("+", "add"), ("-", "sub")):
+        write_jsonl(f"{path}/sft_{name}.jsonl", [r for r in sft if op in r["messages"][0]["content"]])
+    pairs = [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, a))} for q, a in train[20000:28000]]
+    write_jsonl(f"{path}/prefs.jsonl", pairs)
+    write_jsonl(f"{path}/prefs_eval.jsonl", [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, a))} for q, a in ev])
+    write_jsonl(f"{path}/kto.jsonl", [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+                                      for i, p in enumerate(pairs) for k in [("chosen", "rejected")[i % 2]]])
+    with open(f"{path}/plain_eval.txt", "w") as f:
+        f.writelines(f"{q}={a}\n" for q, a in ev)
+
+
+def pretrain(model, tok, steps, seed, rows=8, row_len=64, lr=2e-3):
+    """Causal LM on plain task text, one "a+b=c" line a document, packed: a base model of the domain, not of chat."""
+    from common.packing import pack
+
+    rng = random.Random(seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    model.train()
+    for _ in range(steps):
+        docs = [tok(f"{q}={a}\n", add_special_tokens=False)["input_ids"] for q, a in (problem(rng) for _ in range(rows * row_len // 9))]
+        b = pack([(d, d) for d in docs], row_len, tok.pad_token_id)
+        b = {k: v[:rows] for k, v in b.items() if k in ("input_ids", "labels", "position_ids")}
+        loss = model(**b, use_cache=False).loss
+        loss.backward()
+        opt.step(), sched.step(), opt.zero_grad()
+    return loss.item()
+
+
+def build_base(path, size, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(path)
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=True,
+                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SIZES[size])
+    model = LlamaForCausalLM(cfg)
+    loss = pretrain(model, tok, PRETRAIN_STEPS[size], seed)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    print(f"built toy base model '{size}' ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"final pretraining loss {loss:.3f}) at {path}")
+
+
+def ensure(what="base"):
+    """Path of a default artefact ('base', 'base_large', 'data'), built on rank 0 when missing."""
+    path = os.path.join(ROOT, what)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not os.path.exists(path) and (not dist or torch.distributed.get_rank() == 0):
+        tmp = f"{path}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(ROOT, exist_ok=True)
+        build_data(tmp) if what == "data" else build_base(tmp, "large" if what == "base_large" else "small")
+        os.replace(tmp, path)  # atomic: a half-built default is never seen
+    if dist:
+        torch.distributed.barrier()
+    return path
+
+
+def data(name):
+    return os.path.join(ensure("data"), name)
+
+
+@torch.no_grad()
+def evaluate(model, tok, records, max_new_tokens=8, batch_size=256):
+    """Greedy exact-match accuracy on [{"prompt", "answer"}], split across processes."""
+    from common.template import encode_prompt
+
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+    per = -(-len(records) // world)
+    mine = records[rank * per:(rank + 1) * per]
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    correct = torch.zeros(2, device=device)
+    for i in range(0, per, batch_size):  # same number of generate calls on every rank (FSDP all-gathers)
+        chunk = mine[i:i + batch_size] or records[:1]
+        ids = [encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in chunk]
+        width = max(map(len, ids))
+        x = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in ids], device=device)
+        out = model.generate(input_ids=x, attention_mask=(torch.arange(width, device=device) >= (width - torch.tensor([len(s) for s in ids], device=device))[:, None]).long(),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, synced_gpus=dist)
+        texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+        real = mine[i:i + batch_size]
+        correct[0] += sum(verify(t, r["answer"]) for t, r in zip(texts, real))
+        correct[1] += len(real)
+    if dist:
+        torch.distributed.all_reduce(correct)
+    model.train(was_training)
+    return (correct[0] / correct[1].clamp(min=1)).item()

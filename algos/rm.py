@@ -146,6 +146,8 @@ def main(args):
         tot = dist.all_sum(tot)
         return {"eval/accuracy": (tot[0] / tot[2]).item(), "eval/margin": (tot[1] / tot[2]).item()}
 
+    if start == 0:
+        metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="rm")
     t_log, tokens = time.time(), 0.0
     for step in bar:

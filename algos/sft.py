@@ -58,8 +58,8 @@ class Args:
 def token_logps(logits_NV, labels_N, chunk=4096):
     """log p(label) = logit[label] - logsumexp(logits), in chunks, so no full fp32 log-softmax exists."""
     out = [logits_NV[i:i + chunk].gather(-1, labels_N[i:i + chunk, None]).squeeze(-1).float()
-           - torch.logsumexp(logits_NV[i:i + chunk].float(), dim=-1) for i in range(0, len(labels_N), chunk)]
-    return torch.cat(out) if out else logits_NV.new_zeros(0, dtype=torch.float32)
+           - torch.logsumexp(logits_NV[i:i + chunk].float(), dim=-1) for i in range(0, max(len(labels_N), 1), chunk)]
+    return torch.cat(out)  # an empty selection still yields a (0,)-tensor in the graph: backward gives zero, not an error
 
 
 def sft_loss(logits_BTV, labels_BT, n_tokens):
@@ -155,6 +155,8 @@ def main(args):
         tot = dist.all_sum(tot)
         return {"eval/loss": (tot[0] / tot[1]).item()}
 
+    if start == 0:
+        metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="sft")
     t_log, tokens = time.time(), 0.0
     for step in bar:

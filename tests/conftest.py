@@ -1,0 +1,36 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from util import ROOT, run  # noqa: E402
+
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def base():
+    from common import toy
+    toy.ensure("data")
+    return toy.ensure("base")
+
+
+@pytest.fixture(scope="session")
+def tok(base):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(base)
+
+
+@pytest.fixture(scope="session")
+def model(base):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="session")
+def sft_run(base, tmp_path_factory):
+    """algos/sft.py with its defaults, once per session (also the starting point of rm)."""
+    out = tmp_path_factory.mktemp("sft")
+    run("sft", "--output_dir", out, "--save_every", 0)
+    return out

@@ -1,0 +1,59 @@
+"""One code path from 1 to N processes; the loss depends on the global batch only; resume is exact."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from util import ROOT, metrics, run
+
+FAST = ["--max_steps", 4, "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--max_len", 128]
+
+
+def losses(out):
+    return [m["loss"] for m in metrics(out) if "loss" in m]
+
+
+def test_two_processes_match_one(base, tmp_path):
+    """FSDP2 over 2 gloo processes, 2 rows each, against 1 process with the same 4 rows a step."""
+    run("sft", "--output_dir", tmp_path / "one", "--batch_size", 4, *FAST)
+    run("sft", "--output_dir", tmp_path / "two", "--batch_size", 2, *FAST, nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
+    w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    from transformers import AutoModelForCausalLM
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "two")).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("script", ["sft", "rm"])
+def test_grad_accum_does_not_change_the_loss(script, sft_run, tmp_path):
+    model = [] if script == "sft" else ["--model", sft_run]
+    run(script, "--output_dir", tmp_path / "a1", "--batch_size", 4, "--grad_accum", 1, *model, *FAST)
+    run(script, "--output_dir", tmp_path / "a4", "--batch_size", 1, "--grad_accum", 4, *model, *FAST)
+    a1, a4 = losses(tmp_path / "a1"), losses(tmp_path / "a4")
+    assert max(abs(a - b) for a, b in zip(a1, a4)) < 1e-5
+
+
+def test_killed_run_resumes_to_the_same_weights(base, tmp_path):
+    args = ["--max_steps", 40, "--save_every", 5, "--log_every", 5, "--eval_every", 0, "--batch_size", 4, "--max_len", 128]
+    run("sft", "--output_dir", tmp_path / "full", *args)
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "algos/sft.py", "--output_dir", str(out), *map(str, args)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "checkpoint").exists() and p.poll() is None:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
+    log = run("sft", "--output_dir", out, "--resume", "true", *args).stdout
+    step = int(log.split("at step ")[1].split()[0])
+    assert 0 < step < 40
+    w_full, w_res = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    assert [m["step"] for m in metrics(out)] == [m["step"] for m in metrics(tmp_path / "full")]

@@ -1,0 +1,29 @@
+"""Helpers shared by the tests: running a script as a user would, reading its metrics."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run(script, *args, nproc=1, check=True):
+    """python algos/<script>.py args (or torchrun with nproc processes) from the repository root."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    p = subprocess.run(launch + [f"algos/{script}.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    return p
+
+
+def metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def chat(*turns):
+    """chat("sys:S", "u", "a", ...) -> messages; a leading "sys:" turn is the system prompt."""
+    msgs = [{"role": "system", "content": turns[0][4:]}] if turns and turns[0].startswith("sys:") else []
+    rest = turns[1:] if msgs else turns
+    return msgs + [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(rest)]

@@ -78,13 +78,15 @@ def save_model(model, tok, output_dir, rank):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        for k in getattr(model, "_tied_weights_keys", None) or []:  # a tied copy is not a weight of its own
+            sd.pop(k, None)
     if rank == 0:
         tmp = os.path.join(output_dir, ".tmp_model")
         shutil.rmtree(tmp, ignore_errors=True)
         arch = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.models")][:1]
-        model.config.architectures = arch  # not the FSDP wrapper class
         model.save_pretrained(tmp, state_dict=sd)
-        model.config.architectures = arch
+        model.config.architectures = arch  # the model's class, not FSDP's wrapper class
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         for f in sorted(os.listdir(tmp), key=lambda f: f == "config.json"):

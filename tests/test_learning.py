@@ -1,0 +1,27 @@
+"""Each algorithm learns on the embedded task with its defaults."""
+import json
+
+import pytest
+from util import metrics, run
+
+from common import toy
+
+
+def test_base_model_does_not_know_the_chat_format(model, tok):
+    recs = [json.loads(line) for line in open(toy.data("eval.jsonl"))]
+    assert toy.evaluate(model, tok, recs) < 0.05
+
+
+def test_sft_learns_and_leaves_headroom(sft_run):
+    acc = [m["eval/accuracy"] for m in metrics(sft_run) if "eval/accuracy" in m]
+    print(f"sft eval accuracy: {acc[0]:.3f} -> {acc[-1]:.3f}")
+    assert acc[0] < 0.05 and 0.15 <= acc[-1] <= 0.8
+
+
+def test_rm_ranks_held_out_pairs(sft_run, tmp_path):
+    run("rm", "--model", sft_run, "--output_dir", tmp_path, "--save_every", 0)
+    acc = [m["eval/accuracy"] for m in metrics(tmp_path) if "eval/accuracy" in m]
+    print(f"rm held-out pairwise accuracy: {acc[0]:.3f} -> {acc[-1]:.3f}")
+    assert acc[-1] >= 0.75
+    from transformers import AutoModelForSequenceClassification
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path).config.num_labels == 1

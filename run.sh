@@ -28,7 +28,14 @@ algo() {
 
 case "${1:-}" in
   test) shift; setup; $PY -m pytest tests "$@" ;;
-  bench) shift; setup; $PY tests/bench.py "$@" ;;
+  bench)
+    shift; setup
+    # The peer, Hugging Face TRL, in an environment of its own (never needed by the project itself).
+    if [ ! -x .venv-trl/bin/python ]; then
+      { python3 -m venv .venv-trl && .venv-trl/bin/pip install --quiet torch==2.13.0 trl; } ||
+        { echo "could not install TRL; measuring this project only"; rm -rf .venv-trl; }
+    fi
+    $PY tests/bench.py "$@" ;;
   "")
     setup
     algo sft

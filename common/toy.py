@@ -33,14 +33,15 @@ def problem(rng, op=None):
     return f"{a}{op}{b}", str(a + b if op == "+" else a - b)
 
 
-def wrong(rng, answer):
-    """A plausible wrong answer: off by one, off by ten, or two digits swapped."""
+def wrong(rng, q, answer):
+    """A plausible wrong answer, of a kind weak models produce: the other operation, an operand echoed,
+    a digit carried wrong (off by ten), or off by a few."""
+    a, op, b = re.match(r"(\d+)([+-])(\d+)", q).groups()
     n = int(answer)
-    for _ in range(10):
-        w = rng.choice([n + 1, n - 1, n + 10, n - 10, int(answer[::-1]) if len(answer) > 1 else n + 2])
-        if w != n and w >= 0:
-            return str(w)
-    return str(n + 1)
+    options = [a, b, str(int(a) - int(b) if op == "+" else int(a) + int(b)), str(n + rng.choice([-10, 10])),
+               str(n + rng.choice([-3, -2, -1, 1, 2, 3]))]
+    options = [w for w in options if w != answer and int(w) >= 0]
+    return rng.choice(options) if options else str(n + 1)
 
 
 def verify(completion, answer):
@@ -88,9 +89,9 @@ def build_data(path, seed=0):
     write_jsonl(f"{path}/sft.jsonl", sft)
     for op, name in (("+", "add"), ("-", "sub")):
         write_jsonl(f"{path}/sft_{name}.jsonl", [r for r in sft if op in r["messages"][0]["content"]])
-    pairs = [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, a))} for q, a in train[20000:28000]]
+    pairs = [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, q, a))} for q, a in train[20000:28000]]
     write_jsonl(f"{path}/prefs.jsonl", pairs)
-    write_jsonl(f"{path}/prefs_eval.jsonl", [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, a))} for q, a in ev])
+    write_jsonl(f"{path}/prefs_eval.jsonl", [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, q, a))} for q, a in ev])
     write_jsonl(f"{path}/kto.jsonl", [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
                                       for i, p in enumerate(pairs) for k in [("chosen", "rejected")[i % 2]]])
     with open(f"{path}/plain_eval.txt", "w") as f:

@@ -95,11 +95,10 @@ def main(args):
     if not docs:
         data.fail(f"{args.data}: no document has an assistant token within max_len={args.max_len}")
     say(f"{len(docs)} documents; {n_long} longer than max_len={args.max_len} were {'truncated' if args.truncate else 'dropped'}")
-    eval_recs = [r for _, r in data.read_jsonl(args.eval_data)]
-    eval_acc = "answer" in eval_recs[0]
+    eval_recs = data.read_jsonl(args.eval_data)
+    eval_acc = "answer" in eval_recs[0][1]  # {"prompt", "answer"}: generation accuracy; conversations: eval loss
     if eval_acc:
-        for where, r in data.read_jsonl(args.eval_data):
-            data.field(r, where, "prompt", str), data.field(r, where, "answer", str)
+        eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)} for w, r in eval_recs]
     else:
         eval_docs, _ = load_docs(args.eval_data, tok, args)
     rows = pack(docs, args.max_len, tok.pad_token_id) if args.packing else None

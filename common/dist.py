@@ -11,6 +11,7 @@ import os
 import random
 import resource
 import shutil
+import warnings
 
 import torch
 import torch.distributed as tdist
@@ -107,7 +108,9 @@ def save_checkpoint(path, model, opt, sched, step, rank):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    with warnings.catch_warnings():  # one process without a process group is intended here
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save({"sched": sched.state_dict(), "step": step, "rng": rng}, os.path.join(tmp, f"rank{rank}.pt"))
@@ -130,7 +133,9 @@ def load_checkpoint(path, model, opt, sched, rank):
         return 0
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     extra = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
     sched.load_state_dict(extra["sched"])

@@ -21,7 +21,7 @@ SIZES = {  # base model sizes: the default, and a larger one (teacher for distil
     "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4),
     "large": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8),
 }
-PRETRAIN_STEPS = {"small": 1500, "large": 1500}
+PRETRAIN_STEPS = {"small": 2500, "large": 2500}
 MAX_DIGITS = 2
 N_EVAL = 256
 
@@ -89,7 +89,7 @@ def build_data(path, seed=0):
     write_jsonl(f"{path}/sft.jsonl", sft)
     for op, name in (("+", "add"), ("-", "sub")):
         write_jsonl(f"{path}/sft_{name}.jsonl", [r for r in sft if op in r["messages"][0]["content"]])
-    pairs = [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, q, a))} for q, a in train[20000:28000]]
+    pairs = [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, q, a))} for q, a in train[20000:]]
     write_jsonl(f"{path}/prefs.jsonl", pairs)
     write_jsonl(f"{path}/prefs_eval.jsonl", [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, q, a))} for q, a in ev])
     write_jsonl(f"{path}/kto.jsonl", [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}

@@ -5,7 +5,8 @@ import json
 import os
 import sys
 
-COLUMNS = [("eval/accuracy", "eval acc (start -> end)"), ("reward/mean", "reward"), ("kl", "KL to ref"),
+COLUMNS = [("eval/accuracy", "eval acc (start -> end)"), ("eval/pref_accuracy", "pref acc (start -> end)"),
+           ("reward/mean", "reward"), ("kl", "KL to ref"),
            ("time", "time s"), ("tokens_per_s", "tokens/s"), ("peak_mem_gb", "peak mem GB")]
 
 
@@ -18,7 +19,7 @@ def cell(rows, key):
     vals = [r[key] for r in rows if key in r]
     if not vals:
         return "-"
-    if key == "eval/accuracy":
+    if key in ("eval/accuracy", "eval/pref_accuracy"):
         return f"{vals[0]:.3f} -> {vals[-1]:.3f}" if len(vals) > 1 else f"{vals[-1]:.3f}"
     if key == "tokens_per_s":
         return f"{sum(vals) / len(vals):.0f}"
@@ -29,7 +30,8 @@ def main(runs, out="runs"):
     runs = [r for r in runs if os.path.exists(os.path.join(r, "metrics.jsonl"))]
     table = ["| run | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     table += [f"| {os.path.basename(r)} | " + " | ".join(cell(read(r), k) for k, _ in COLUMNS) + " |" for r in runs]
-    text = "\n".join(table) + "\n\nrm's eval acc is held-out pairwise accuracy; the others' is exact-match generation accuracy.\n"
+    text = "\n".join(table) + ("\n\neval acc: greedy exact-match accuracy on the held-out problems (for rm: held-out pairwise "
+                                "accuracy); pref acc: held-out pairs whose implicit reward ranks chosen above rejected.\n")
     print(text)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)

@@ -34,3 +34,11 @@ def sft_run(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
     run("sft", "--output_dir", out, "--save_every", 0)
     return out
+
+
+@pytest.fixture(scope="session")
+def rm_run(sft_run, tmp_path_factory):
+    """algos/rm.py with its defaults on top of sft_run, once per session (the reward model of PPO)."""
+    out = tmp_path_factory.mktemp("rm")
+    run("rm", "--model", sft_run, "--output_dir", out, "--save_every", 0)
+    return out

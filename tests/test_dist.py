@@ -31,9 +31,10 @@ def test_two_processes_match_one(base, tmp_path):
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "two")).__name__ == "LlamaForCausalLM"
 
 
-@pytest.mark.parametrize("script", ["sft", "rm"])
+@pytest.mark.parametrize("script", ["sft", "sft-padded", "rm"])
 def test_grad_accum_does_not_change_the_loss(script, sft_run, tmp_path):
-    model = [] if script == "sft" else ["--model", sft_run]
+    model = {"sft": [], "sft-padded": ["--packing", "false"], "rm": ["--model", sft_run]}[script]
+    script = script.split("-")[0]
     run(script, "--output_dir", tmp_path / "a1", "--batch_size", 4, "--grad_accum", 1, *model, *FAST)
     run(script, "--output_dir", tmp_path / "a4", "--batch_size", 1, "--grad_accum", 4, *model, *FAST)
     a1, a4 = losses(tmp_path / "a1"), losses(tmp_path / "a4")

@@ -18,10 +18,9 @@ def test_sft_learns_and_leaves_headroom(sft_run):
     assert acc[0] < 0.05 and 0.15 <= acc[-1] <= 0.8
 
 
-def test_rm_ranks_held_out_pairs(sft_run, tmp_path):
-    run("rm", "--model", sft_run, "--output_dir", tmp_path, "--save_every", 0)
-    acc = [m["eval/accuracy"] for m in metrics(tmp_path) if "eval/accuracy" in m]
+def test_rm_ranks_held_out_pairs(rm_run):
+    acc = [m["eval/accuracy"] for m in metrics(rm_run) if "eval/accuracy" in m]
     print(f"rm held-out pairwise accuracy: {acc[0]:.3f} -> {acc[-1]:.3f}")
     assert acc[-1] >= 0.75
     from transformers import AutoModelForSequenceClassification
-    assert AutoModelForSequenceClassification.from_pretrained(tmp_path).config.num_labels == 1
+    assert AutoModelForSequenceClassification.from_pretrained(rm_run).config.num_labels == 1

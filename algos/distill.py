@@ -1,0 +1,284 @@
+"""Knowledge distillation: a student learns from a frozen teacher that shares its tokenizer.
+
+--mode picks the signal. seqkd: the teacher writes the responses (greedy by default) and the student
+is trained on them with the SFT loss. forward_kl: on the data's responses, the per-token KL from the
+teacher's next-token distribution to the student's, over the whole vocabulary (mode-covering).
+reverse_kl: the same positions, KL(student ‖ teacher) (mode-seeking). on_policy: the student samples
+its own responses (KV cache, left padding, no gradient through sampling) and is trained on the
+per-token reverse KL to the teacher on them (GKD with λ = 1). With softmax temperature τ and A the
+response positions, N = |A| summed over the global batch:
+
+    L(θ) = (τ²/N) Σ_{t ∈ A} KL(p_τ(·|x_<t) ‖ q_τ(·|x_<t)),  forward: p = teacher, q = student; reverse: swapped
+
+References: Hinton et al. arXiv:1503.02531 (soft targets, τ²); Kim & Rush arXiv:1606.07947 (seqkd);
+Agarwal et al. arXiv:2306.13649 (GKD, on-policy reverse KL).
+Deviations: 1. seqkd generates the teacher's responses per batch instead of a pass over the data set
+   first; with greedy decoding the two are the same data. 2. Logits are compared over the first
+   len(tokenizer) entries: models padded to different embedding sizes still distil.
+Data: JSONL conversations {"messages": [...]} or {"prompt", "completion"} (the KL modes train on
+their responses; seqkd and on_policy use only the prompt: everything before the last assistant
+turn), or {"prompt", "answer"} for seqkd and on_policy.
+Run:  python algos/sft.py --model runs/toy/base_large --output_dir runs/sft_large   # the teacher
+      python algos/distill.py --mode on_policy
+      torchrun --nproc_per_node 8 algos/distill.py --teacher Qwen/Qwen2.5-7B-Instruct --model Qwen/Qwen2.5-0.5B-Instruct --data chats.jsonl
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import data, dist, toy  # noqa: E402
+from common.packing import fit, pad  # noqa: E402
+from common.template import IGNORE, encode_chat, encode_prompt  # noqa: E402
+
+MODES = ("seqkd", "forward_kl", "reverse_kl", "on_policy")
+
+
+@dataclass
+class Args:
+    mode: str = "forward_kl"  # seqkd | forward_kl | reverse_kl | on_policy
+    teacher: str = "runs/sft_large"  # frozen teacher (path or hub name), same tokenizer as the student
+    model: str = "runs/sft"  # the student to train; default: the small SFT model
+    data: str = ""  # JSONL of conversations (or prompts for seqkd/on_policy); default: the embedded SFT set
+    eval_data: str = ""  # JSONL of {"prompt","answer"}; default: the embedded eval set
+    output_dir: str = ""  # model, args.json, metrics.jsonl, checkpoint/; default: runs/distill_<mode>
+    max_len: int = 128  # tokens per conversation (longer ones truncated, and counted)
+    max_new_tokens: int = 16  # response length limit when the teacher (seqkd) or the student (on_policy) generates
+    gen_temperature: float = -1.0  # sampling temperature of generation; 0: greedy; <0: 0 for seqkd, 1 for on_policy
+    temperature: float = 1.0  # τ: softmax temperature of both distributions in the KL losses
+    batch_size: int = 32  # conversations (or prompts) per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_steps: int = 200  # optimizer steps; 0: run --epochs over the data
+    epochs: int = 1  # passes over the data when max_steps is 0
+    warmup_ratio: float = 0.05  # fraction of steps of linear warmup before the cosine decay
+    seed: int = 0  # seed of the data order and of every RNG
+    log_every: int = 10  # steps between metrics lines
+    eval_every: int = 50  # steps between evaluations (0: only at the end)
+    save_every: int = 100  # steps between resumable checkpoints (0: none)
+    resume: bool = False  # continue from output_dir/checkpoint when it exists
+    trust_remote_code: bool = False  # allow model code from the hub to run
+
+
+def kl_per_token(p_logits_NV, q_logits_NV, temperature=1.0, chunk=4096):
+    """KL(p_τ ‖ q_τ) = Σ_v p_τ(v) (log p_τ(v) - log q_τ(v)) per row, p_τ = softmax(logits/τ); in row chunks,
+    so the fp32 log-softmax of the whole batch never exists at once."""
+    out = []
+    for i in range(0, max(len(p_logits_NV), 1), chunk):
+        logp = F.log_softmax(p_logits_NV[i:i + chunk].float() / temperature, dim=-1)
+        logq = F.log_softmax(q_logits_NV[i:i + chunk].float() / temperature, dim=-1)
+        out.append((logp.exp() * (logp - logq)).sum(-1))
+    return torch.cat(out)
+
+
+def forward_kl_loss(student_logits_NV, teacher_logits_NV, n_tokens, temperature=1.0):
+    """(τ²/N) Σ_t KL(teacher_τ ‖ student_τ): the student must cover every token the teacher gives mass to.
+    τ² keeps the gradient's scale independent of τ (Hinton et al. §2)."""
+    kl = kl_per_token(teacher_logits_NV.detach(), student_logits_NV, temperature)
+    return temperature ** 2 * kl.sum() / max(n_tokens, 1)
+
+
+def reverse_kl_loss(student_logits_NV, teacher_logits_NV, n_tokens, temperature=1.0):
+    """(τ²/N) Σ_t KL(student_τ ‖ teacher_τ): the student puts its mass where the teacher is confident."""
+    kl = kl_per_token(student_logits_NV, teacher_logits_NV.detach(), temperature)
+    return temperature ** 2 * kl.sum() / max(n_tokens, 1)
+
+
+def nll_loss(student_logits_NV, labels_N, n_tokens):
+    """seqkd: -(1/N) Σ_t log q(y_t | x, y_<t) on the teacher's tokens, by gather minus logsumexp."""
+    logps = student_logits_NV.gather(-1, labels_N[:, None]).squeeze(-1).float() - torch.logsumexp(student_logits_NV.float(), -1)
+    return -logps.sum() / max(n_tokens, 1)
+
+
+def load_records(path, tok, args):
+    """-> conversations (ids, labels) for the KL modes, prompt ids for the generating modes."""
+    out = []
+    for where, rec in data.read_jsonl(path):
+        if args.mode in ("seqkd", "on_policy"):
+            if "messages" in rec:
+                msgs = data.conversation(rec, where)
+                last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+                msgs = msgs[:last]
+            else:
+                msgs = data.messages(data.field(rec, where, "prompt", (str, list)), where, "prompt", "user")
+            ids = encode_prompt(tok, msgs)
+            out.append((ids, [IGNORE] * len(ids)))
+        else:
+            out.append(encode_chat(tok, data.conversation(rec, where)))
+    docs, n_long = fit(out, args.max_len, True)
+    if args.mode not in ("seqkd", "on_policy"):
+        docs = [d for d in docs if any(l != IGNORE for l in d[1][1:])]
+    return docs, n_long
+
+
+def load_model(path, args, device):
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+                                                    trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        data.fail(f"cannot load model {path!r}: {str(e).splitlines()[0]}")
+
+
+def main(args):
+    rank, world, device = dist.setup(args.seed)
+    if args.mode not in MODES:
+        data.fail(f"--mode {args.mode!r}: expected one of {', '.join(MODES)}")
+    gen_t = args.gen_temperature if args.gen_temperature >= 0 else float(args.mode == "on_policy")
+    args.data = args.data or toy.data("sft.jsonl")
+    args.eval_data = args.eval_data or toy.data("eval.jsonl")
+    args.output_dir = args.output_dir or f"runs/distill_{args.mode}"
+    say = tqdm.write if rank == 0 else (lambda *_: None)
+    for name, default_hint in (("teacher", "python algos/sft.py --model runs/toy/base_large --output_dir runs/sft_large"),
+                               ("model", "python algos/sft.py")):
+        path = getattr(args, name)
+        if path == Args.__dataclass_fields__[name].default and not os.path.exists(path):
+            data.fail(f"--{name} {path} does not exist; build it first: {default_hint}")
+
+    # Data and tokenizers, validated before anything is written.
+    toks = []
+    for path in (args.model, args.teacher):
+        try:
+            toks.append(AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code))
+        except (OSError, ValueError) as e:
+            data.fail(f"cannot load tokenizer {path!r}: {str(e).splitlines()[0]}")
+    tok, t_tok = toks
+    if tok.get_vocab() != t_tok.get_vocab() or tok.eos_token_id != t_tok.eos_token_id:
+        data.fail(f"tokenizers of --model {args.model!r} and --teacher {args.teacher!r} differ (vocabulary or eos); distillation compares them token by token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    docs, n_long = load_records(args.data, tok, args)
+    if not docs:
+        data.fail(f"{args.data}: no usable record within max_len={args.max_len}")
+    say(f"{len(docs)} records; {n_long} longer than max_len={args.max_len} were truncated")
+    eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
+                 for w, r in data.read_jsonl(args.eval_data)]
+    G = args.batch_size * args.grad_accum * world  # records per optimizer step
+    if len(docs) < G:
+        data.fail(f"{args.data}: {len(docs)} records, fewer than one global batch of {G}")
+    steps_per_epoch = len(docs) // G
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+
+    # Models: the student trains, the teacher is frozen (eval mode, no gradients); dropout is 0 in both.
+    model, teacher = load_model(args.model, args, device), load_model(args.teacher, args, device)
+    V = len(tok)
+    for name, m in (("model", model), ("teacher", teacher)):
+        if V > m.get_input_embeddings().num_embeddings:
+            data.fail(f"tokenizer has {V} tokens but --{name} embeds only {m.get_input_embeddings().num_embeddings}")
+    teacher.requires_grad_(False)
+    model, teacher = dist.shard(model, world, device), dist.shard(teacher, world, device)
+    model.train()
+    teacher.eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    start = dist.load_checkpoint(ckpt, model, opt, sched, rank) if args.resume else 0
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start)
+    if start:
+        say(f"resumed from {ckpt} at step {start}")
+
+    @torch.no_grad()
+    def generate(gen_model, prompts):
+        """Left-padded prompts -> prompt + response, with the KV cache; response tokens after the first
+        eos are padding. Labels mark the response (its eos included), so the batch reads like an SFT one."""
+        width = max(len(p) for p, _ in prompts)
+        x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p, _ in prompts], device=device)
+        mask = torch.arange(width, device=device) >= width - torch.tensor([len(p) for p, _ in prompts], device=device)[:, None]
+        was = gen_model.training
+        gen_model.eval()
+        with dist.autocast(device):
+            out = gen_model.generate(input_ids=x, attention_mask=mask.long(), max_new_tokens=args.max_new_tokens,
+                                     do_sample=gen_t > 0, temperature=gen_t if gen_t > 0 else None, top_k=0, top_p=1.0,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced_gpus=world > 1)
+        gen_model.train(was)
+        resp = out[:, width:]
+        eos_seen = (resp == tok.eos_token_id).long().cumsum(-1)
+        resp_mask = (eos_seen == 0) | ((eos_seen == 1) & (resp == tok.eos_token_id))  # up to and including the first eos
+        ids = torch.cat([x, resp.masked_fill(~resp_mask, tok.pad_token_id)], 1)
+        labels = torch.cat([torch.full_like(x, IGNORE), resp.masked_fill(~resp_mask, IGNORE)], 1)
+        return {"input_ids": ids, "labels": labels, "attention_mask": torch.cat([mask, resp_mask], 1).long()}
+
+    def batch_of(idx):
+        chunk = [docs[i] for i in idx.tolist()]
+        if args.mode == "seqkd":
+            return generate(teacher, chunk)
+        if args.mode == "on_policy":
+            return generate(model, chunk)  # the student's own samples; no gradient flows through sampling
+        return {k: v.to(device) for k, v in pad(chunk, tok.pad_token_id).items()}
+
+    def evaluate():
+        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs)}
+
+    if start == 0:
+        metrics.log(0, **evaluate(), **{"teacher/eval_accuracy": toy.evaluate(teacher, tok, eval_recs)})
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc=f"distill {args.mode}")
+    t_log, tokens = time.time(), 0.0
+    for step in bar:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(args.seed + epoch))
+        idx = order[k * G:(k + 1) * G]
+        micro = [idx[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size] for i in range(args.grad_accum)]
+        batches = [batch_of(m) for m in micro]  # all samples of the step come from the same student
+        n_tokens = dist.all_sum(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)).item()  # N of the equation
+        loss_sum, kl_sum = 0.0, 0.0
+        for i, b in enumerate(batches):
+            if world > 1:
+                model.set_requires_gradient_sync(i == len(batches) - 1)
+            # explicit positions: generated batches are left-padded, and a padded forward would otherwise count pads
+            pos = (b["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            mask = b["labels"][:, 1:] != IGNORE  # logits at t predict the token at t+1: response positions only
+            fwd = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=pos, use_cache=False)
+            with torch.no_grad(), dist.autocast(device):
+                t_logits = teacher(**fwd).logits[:, :-1][mask][:, :V]
+            with dist.autocast(device):
+                s_logits = model(**fwd).logits[:, :-1][mask][:, :V]
+            if args.mode == "seqkd":
+                loss = nll_loss(s_logits, b["labels"][:, 1:][mask], n_tokens)
+            elif args.mode == "forward_kl":
+                loss = forward_kl_loss(s_logits, t_logits, n_tokens, args.temperature)
+            else:  # reverse_kl, on_policy
+                loss = reverse_kl_loss(s_logits, t_logits, n_tokens, args.temperature)
+            (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
+            loss_sum += loss.item()
+            kl_sum += kl_per_token(s_logits.detach(), t_logits).sum().item()  # KL(student ‖ teacher) at τ = 1, every mode
+            tokens += b["attention_mask"].sum().item()
+        loss_step = dist.all_sum(loss_sum).item()
+        if not math.isfinite(loss_step):
+            data.fail(f"non-finite loss {loss_step} at step {step + 1}; stopping without saving a model")
+        gnorm = dist.grad_norm(model, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            tps = dist.all_sum(tokens).item() / (time.time() - t_log)
+            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
+            metrics.log(done, loss=loss_step, kl=dist.all_sum(kl_sum).item() / max(n_tokens, 1), lr=sched.get_last_lr()[0],
+                        grad_norm=gnorm, response_length=n_tokens / G, tokens_per_s=tps, peak_mem_gb=dist.peak_mem_gb(device), **extra)
+            t_log, tokens = time.time(), 0.0
+        if args.save_every and done % args.save_every == 0 and done < total_steps:
+            dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
+    dist.save_model(model, tok, args.output_dir, rank)
+    say(f"saved {args.output_dir}")
+
+
+def parse_args(argv=None):
+    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,413 @@
+"""PPO against a learned reward model (RLHF): actor, critic, frozen reference and reward model.
+
+The actor (from SFT) samples completions; the reward model (from rm.py) scores each one at its
+end-of-turn token; a per-token KL penalty to the frozen reference keeps the actor near SFT. A
+token-level critic (initialised from the reward model) gives the baseline of generalised advantage
+estimation, and the actor and critic take clipped PPO steps on minibatches of the rollout:
+
+    L(θ,φ) = Ê_t[max(-Â_t ρ_t, -Â_t clip(ρ_t, 1-ε, 1+ε))] + c_v Ê_t[½ max((V_φ-R_t)², (V_old+clip(V_φ-V_old, ±ε_v)-R_t)²)] - c_H Ê_t[H_t]
+    ρ_t = πθ(y_t|s_t)/π_old(y_t|s_t),  r_t = -β KL_t + [t=T] r_ψ(x,y),  δ_t = r_t + γ V_old(s_t+1) - V_old(s_t),
+    Â_t = Σ_l (γλ)^l δ_t+l (then whitened),  R_t = Â_t + V_old(s_t),  Ê_t = mean over the completion tokens of the global (mini)batch
+
+Reference: InstructGPT, arXiv:2203.02155 (§3.5); PPO, arXiv:1707.06347; GAE, arXiv:1506.02438;
+adaptive KL controller: Ziegler et al. 2019, arXiv:1909.08593.
+Deviations from the paper:
+  1. No pretraining-mix term (PPO-ptx): the KL to the reference is the only anchor.
+  2. Advantages are whitened over the completion tokens of the whole global batch (a common
+     stabiliser, not in the paper); KL_t is one of the k1/k2/k3 estimators of log π_old/π_ref, and
+     --kl_placement loss moves β·KL out of the reward into the loss (k3's gradient there is biased).
+  3. Log-probs are of the temperature-scaled logits, the distribution actually sampled; top-p
+     truncation is ignored in ratios and KL.
+  4. A completion cut at --max_new_tokens has no end-of-turn token. The reward model is trained to
+     read that token, so one is appended before scoring, --missing_eos_penalty is subtracted, and
+     --mask_truncated drops such completions from the loss.
+  5. The critic is a separate network: the reward model's backbone with its score head applied at
+     every position (bias-free, so V starts equal to the RM's reading of each prefix).
+  6. All four models stay in eval mode (dropout off: it would make ratios and KL noisy).
+Data: JSONL, {"prompt": ..., "answer": ...}; the answer is optional and only feeds the gold
+(verifier) score logged beside the RM score, so reward over-optimisation shows.
+Run:  python algos/ppo.py
+      torchrun --nproc_per_node 8 algos/ppo.py --model sft_out --reward_model rm_out --data prompts.jsonl
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+                          AutoTokenizer, HfArgumentParser, get_constant_schedule_with_warmup)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import data, dist, toy  # noqa: E402
+from common.template import IGNORE, encode_prompt, encode_response  # noqa: E402
+
+
+@dataclass
+class Args:
+    model: str = "runs/sft"  # the actor's starting point (path or hub name); default: the SFT output
+    reward_model: str = "runs/rm"  # reward model from rm.py, also the critic's initialisation
+    ref_model: str = ""  # frozen reference of the KL penalty; default: --model
+    data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
+    eval_data: str = ""  # JSONL of {"prompt", "answer"} (held-out); default: the embedded eval set
+    output_dir: str = "runs/ppo"  # model, args.json, metrics.jsonl, checkpoint/
+    max_len: int = 256  # prompts longer than max_len - max_new_tokens are dropped (and counted)
+    batch_size: int = 64  # prompts per process per rollout
+    group_size: int = 1  # completions sampled per prompt
+    grad_accum: int = 1  # micro-batches per minibatch
+    num_minibatches: int = 4  # optimizer steps per PPO epoch: the rollout is split into this many
+    ppo_epochs: int = 4  # passes over each rollout
+    max_new_tokens: int = 12  # completion length limit
+    temperature: float = 1.0  # sampling temperature (log-probs use the same scaled logits)
+    top_p: float = 1.0  # nucleus sampling
+    mask_truncated: bool = False  # completions without an end-of-turn token carry no loss
+    missing_eos_penalty: float = 1.0  # subtracted from the RM score of a completion without end-of-turn token
+    beta: float = 0.05  # KL coefficient β (the controller's starting value with --adaptive_kl)
+    kl_estimator: str = "k1"  # k1 | k2 | k3, estimator of KL_t from log π_old - log π_ref
+    kl_placement: str = "reward"  # reward: r_t = -β KL_t (InstructGPT); loss: + β Ê_t[KL_t] in the loss
+    adaptive_kl: bool = False  # adapt β towards --kl_target (Ziegler et al.'s proportional controller)
+    kl_target: float = 1.0  # target sequence KL of the controller (nats)
+    kl_horizon: int = 10000  # controller horizon (samples)
+    gamma: float = 1.0  # discount γ
+    lam: float = 0.95  # GAE λ
+    clip_eps: float = 0.2  # ε of the policy ratio clip
+    vf_clip: float = 0.2  # ε_v of the value clip
+    vf_coef: float = 0.1  # c_v
+    ent_coef: float = 0.0  # c_H, entropy bonus
+    target_kl: float = 0.0  # stop this rollout's updates when a minibatch's approx KL(π_old‖πθ) exceeds it (0: off)
+    lr: float = 1e-4  # actor learning rate (AdamW)
+    critic_lr: float = 3e-4  # critic learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping, actor and critic separately
+    max_steps: int = 100  # rollouts; 0: --epochs passes over the prompts
+    epochs: int = 1  # passes over the prompts when max_steps is 0
+    warmup_ratio: float = 0.0  # fraction of steps of linear warmup, then a constant rate
+    seed: int = 0  # seed of the prompt order and of every RNG
+    log_every: int = 5  # steps between metrics lines
+    eval_every: int = 25  # steps between evaluations (0: only at the end)
+    save_every: int = 50  # steps between resumable checkpoints (0: none)
+    resume: bool = False  # continue from output_dir/checkpoint when it exists
+    trust_remote_code: bool = False  # allow model code from the hub to run
+
+
+def kl_estimate(logps_BT, ref_logps_BT, kind):
+    """Per-token estimators of KL(π‖π_ref) from samples of π, with log r = log π_ref - log π (Schulman 2020):
+    k1 = -log r (unbiased), k2 = ½ (log r)² (biased, low variance), k3 = (r - 1) - log r (unbiased, ≥ 0)."""
+    log_r = ref_logps_BT - logps_BT
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r ** 2
+    return torch.expm1(log_r) - log_r
+
+
+def token_rewards(scores_B, kl_BT, mask_BT, beta):
+    """r_t = -β KL_t on every completion token, plus the reward model's score on the last one."""
+    rewards = -beta * kl_BT * mask_BT
+    last = (mask_BT.sum(1) - 1).clamp(min=0)  # index of the last completion token (end-of-turn)
+    return rewards.scatter_add(1, last[:, None], (scores_B * mask_BT.any(1))[:, None])
+
+
+def gae(rewards_BT, values_BT, mask_BT, gamma, lam):
+    """Â_t = Σ_{s≥t} (γλ)^(s-t) δ_s with δ_t = r_t + γ V(s_t+1) - V(s_t) and V = 0 past the last token;
+    the backward recursion Â_t = δ_t + γλ Â_t+1 as one triangular matmul. -> (advantages, returns Â + V)."""
+    m = mask_BT.float()
+    next_values = torch.cat([values_BT[:, 1:] * m[:, 1:], torch.zeros_like(values_BT[:, :1])], 1)
+    delta = (rewards_BT + gamma * next_values - values_BT) * m
+    t = torch.arange(delta.shape[1], device=delta.device)
+    s_minus_t = t[None, :] - t[:, None]
+    discount_TS = torch.where(s_minus_t >= 0, (gamma * lam) ** s_minus_t.clamp(min=0).to(delta), 0.0)  # (γλ)^(s-t), s ≥ t
+    adv = (delta @ discount_TS.T) * m
+    return adv, (adv + values_BT) * m
+
+
+def whiten(x_BT, mask_BT, all_sum=lambda v: v):
+    """(x - mean) / std over the masked entries; all_sum makes the moments those of the global batch."""
+    m = mask_BT.float()
+    n = all_sum(m.sum()).clamp(min=1)
+    mean = all_sum((x_BT * m).sum()) / n
+    var = all_sum((((x_BT - mean) * m) ** 2).sum()) / n
+    return (x_BT - mean.to(x_BT)) * torch.rsqrt(var.to(x_BT) + 1e-8) * m
+
+
+def policy_loss(logps_BT, old_logps_BT, adv_BT, mask_BT, clip_eps, n_tokens):
+    """Σ_t max(-Â_t ρ_t, -Â_t clip(ρ_t, 1-ε, 1+ε)) / n_tokens, n_tokens the global minibatch count -> (loss, clipped_BT)."""
+    ratio = torch.exp(logps_BT - old_logps_BT)
+    unclipped, clipped = -adv_BT * ratio, -adv_BT * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    return (torch.maximum(unclipped, clipped) * mask_BT).sum() / max(n_tokens, 1), (clipped > unclipped) & mask_BT
+
+
+def value_loss(values_BT, old_values_BT, returns_BT, mask_BT, vf_clip, n_tokens):
+    """Σ_t ½ max((V - R)², (V_old + clip(V - V_old, ±ε_v) - R)²) / n_tokens -> (loss, clipped_BT)."""
+    v_clip = old_values_BT + (values_BT - old_values_BT).clamp(-vf_clip, vf_clip)
+    unclipped, clipped = (values_BT - returns_BT) ** 2, (v_clip - returns_BT) ** 2
+    return 0.5 * (torch.maximum(unclipped, clipped) * mask_BT).sum() / max(n_tokens, 1), (clipped > unclipped) & mask_BT
+
+
+def adaptive_kl(beta, kl, kl_target, n_samples, horizon):
+    """Ziegler et al.'s proportional controller: e = clip(KL/KL_target - 1, ±0.2), β ← β (1 + e·n/horizon)."""
+    return beta * (1 + max(-0.2, min(0.2, kl / kl_target - 1)) * n_samples / horizon)
+
+
+def logps_entropy(logits_BTV, tokens_BT, entropy_grad=False, chunk=16):
+    """log π(y_t) = z[y_t] - logsumexp(z) and H_t = logsumexp(z) - Σ_v softmax(z)_v z_v, a few rows at a time (fp32)."""
+    lps, ents = [], []
+    for z, y in zip(logits_BTV.split(chunk), tokens_BT.split(chunk)):
+        z = z.float()
+        lse = z.logsumexp(-1)
+        lps.append(z.gather(-1, y[..., None]).squeeze(-1) - lse)
+        zh = z if entropy_grad else z.detach()
+        ents.append(zh.logsumexp(-1) - (zh.softmax(-1) * zh).sum(-1))
+    return torch.cat(lps), torch.cat(ents)
+
+
+def load(cls, path, args, device, **kw):
+    """A model in eval mode (eval only switches dropout off; gradients still flow where wanted)."""
+    try:
+        m = cls.from_pretrained(path, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+                                trust_remote_code=args.trust_remote_code, **kw)
+    except (OSError, ValueError) as e:
+        data.fail(f"cannot load model {path!r}: {str(e).splitlines()[0]}")
+    return m.to(device).eval()
+
+
+def load_prompts(path, tok, args, need_str=False):
+    """-> [(prompt ids, answer or None, prompt text)], prompts rendered by the chat template's generation prompt."""
+    out, n_long = [], 0
+    for where, rec in data.read_jsonl(path):
+        raw = data.field(rec, where, "prompt", str if need_str else (str, list))
+        answer = data.field(rec, where, "answer", str) if "answer" in rec or need_str else None
+        ids = encode_prompt(tok, data.messages(raw, where, "prompt", "user"))
+        if len(ids) + args.max_new_tokens > args.max_len:
+            n_long += 1
+        else:
+            out.append((ids, answer, raw))
+    return out, n_long
+
+
+def main(args):
+    rank, world, device = dist.setup(args.seed)
+    args.data = args.data or toy.data("rl.jsonl")
+    args.eval_data = args.eval_data or toy.data("eval.jsonl")
+    args.ref_model = args.ref_model or args.model
+    say = tqdm.write if rank == 0 else (lambda *_: None)
+    for path, what in ((args.model, "sft"), (args.reward_model, "rm")):
+        if path == f"runs/{what}" and not os.path.exists(path):
+            data.fail(f"{path} not found: run algos/{what}.py first, or pass --{'model' if what == 'sft' else 'reward_model'}")
+    if args.kl_estimator not in ("k1", "k2", "k3") or args.kl_placement not in ("reward", "loss"):
+        data.fail(f"--kl_estimator must be k1|k2|k3 and --kl_placement reward|loss, got {args.kl_estimator}, {args.kl_placement}")
+    rows = args.batch_size * args.group_size  # completions per process per rollout
+    if rows % (args.num_minibatches * args.grad_accum):
+        data.fail(f"batch_size*group_size={rows} is not divisible by num_minibatches*grad_accum={args.num_minibatches * args.grad_accum}")
+
+    # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        rm_vocab = AutoTokenizer.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code).get_vocab()
+    except (OSError, ValueError) as e:
+        data.fail(f"cannot load tokenizer: {str(e).splitlines()[0]}")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if rm_vocab != tok.get_vocab():
+        data.fail(f"reward model {args.reward_model!r} has another tokenizer than {args.model!r}; PPO hands it the sampled token ids")
+    # The RM was trained on encode_response cut after the response's end-of-turn token; a sampled completion
+    # ending in EOS reproduces that sequence only if the template closes an assistant turn with the EOS token.
+    ids, labels = encode_response(tok, [{"role": "user", "content": "1"}], [{"role": "assistant", "content": "2"}])
+    if ids[max(i for i, l in enumerate(labels) if l != IGNORE)] != tok.eos_token_id:
+        data.fail(f"chat template of {args.model!r} does not end an assistant turn with the EOS token {tok.eos_token!r}")
+    prompts, n_long = load_prompts(args.data, tok, args)
+    eval_prompts, _ = load_prompts(args.eval_data, tok, args, need_str=True)
+    if not prompts:
+        data.fail(f"{args.data}: no prompt fits max_len={args.max_len} with max_new_tokens={args.max_new_tokens}")
+    say(f"{len(prompts)} prompts; {n_long} longer than max_len - max_new_tokens were dropped")
+    G = args.batch_size * world  # prompts per rollout
+    if len(prompts) < G:
+        data.fail(f"{args.data}: {len(prompts)} prompts, fewer than one global batch of {G}")
+    steps_per_epoch = len(prompts) // G
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+
+    # Models: actor and reference (causal LMs), reward model (score read at the last non-pad token), and the
+    # critic: the reward model's backbone with the same bias-free score head applied at every position.
+    actor = load(AutoModelForCausalLM, args.model, args, device)
+    ref = load(AutoModelForCausalLM, args.ref_model, args, device).requires_grad_(False)
+    rm = load(AutoModelForSequenceClassification, args.reward_model, args, device).requires_grad_(False)
+    critic = load(AutoModelForTokenClassification, args.reward_model, args, device, num_labels=1,
+                  classifier_dropout=0.0, token_classification_bias=False)
+    for name, m in (("model", actor), ("ref_model", ref), ("reward_model", rm), ("reward_model", critic)):
+        if len(tok) > m.get_input_embeddings().num_embeddings:
+            data.fail(f"tokenizer has {len(tok)} tokens but --{name} embeds only {m.get_input_embeddings().num_embeddings}")
+    if rm.config.pad_token_id in (None, tok.eos_token_id):
+        data.fail(f"reward model {args.reward_model!r} needs a pad token other than EOS to find the last token")
+    actor, ref, rm, critic = (dist.shard(m, world, device) for m in (actor, ref, rm, critic))
+    both = torch.nn.ModuleDict({"actor": actor, "critic": critic})  # one checkpoint, written atomically
+    both.register_buffer("beta", torch.tensor(args.beta, dtype=torch.float64))  # the KL controller's state
+    opt = torch.optim.AdamW([{"params": actor.parameters(), "lr": args.lr},
+                             {"params": critic.parameters(), "lr": args.critic_lr}], weight_decay=args.weight_decay)
+    sched = get_constant_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps))
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    start = dist.load_checkpoint(ckpt, both, opt, sched, rank) if args.resume else 0
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start)
+    if start:
+        say(f"resumed from {ckpt} at step {start}")
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+
+    @torch.no_grad()
+    def rollout(prompt_ids, greedy=False):
+        """Left-padded prompts -> completions sampled with the KV cache: (ids_BL, attn_BL, P, mask_BT, has_eos_B);
+        the completion mask holds every token up to and including the first EOS, never the padding after it."""
+        P = max(map(len, prompt_ids))
+        x = torch.tensor([[pad] * (P - len(p)) + p for p in prompt_ids], device=device)
+        attn = (torch.arange(P, device=device) >= P - torch.tensor([len(p) for p in prompt_ids], device=device)[:, None]).long()
+        how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
+        with dist.autocast(device):
+            out = actor.generate(input_ids=x, attention_mask=attn, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=pad, synced_gpus=world > 1, **how)
+        is_eos = out[:, P:] == eos
+        mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
+        return out, torch.cat([attn, mask.long()], 1), P, mask, is_eos.any(1)
+
+    def forward(model, ids, attn, T, **kw):
+        """Logits (or values) at the T positions that predict the completion tokens; positions count real tokens only."""
+        pos = (attn.cumsum(1) - 1).clamp(min=0)  # as generate() numbered them under left padding
+        with dist.autocast(device):
+            return model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **kw).logits[:, -T - 1:-1]
+
+    def logps(model, ids, attn, T, entropy_grad=False):
+        return logps_entropy(forward(model, ids, attn, T, logits_to_keep=T + 1) / args.temperature, ids[:, -T:], entropy_grad)
+
+    @torch.no_grad()
+    def rm_scores(ids, attn, mask, has_eos, P):
+        """r_ψ(x, y) read at the end-of-turn token; a truncated completion gets one appended first (deviation 4)."""
+        ids, attn = torch.cat([ids, torch.full_like(ids[:, :1], pad)], 1), torch.cat([attn, torch.zeros_like(attn[:, :1])], 1)
+        cut = (~has_eos).nonzero().squeeze(1)
+        end = P + mask.sum(1)[cut]
+        ids[cut, end], attn[cut, end] = eos, 1
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        with dist.autocast(device):
+            return rm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, 0].float()
+
+    def evaluate():
+        """Gold: held-out greedy accuracy (toy.evaluate); RM: mean score of the same prompts' greedy completions."""
+        acc = toy.evaluate(actor, tok, [{"prompt": raw, "answer": a} for _, a, raw in eval_prompts])
+        per = -(-len(eval_prompts) // world)
+        mine = eval_prompts[rank * per:(rank + 1) * per]
+        tot = torch.zeros(2)
+        for i in range(0, per, 256):  # the same number of generate calls on every process
+            chunk = mine[i:i + 256] or eval_prompts[:1]
+            ids, attn, P, mask, has_eos = rollout([p for p, _, _ in chunk], greedy=True)
+            s = rm_scores(ids, attn, mask, has_eos, P)[:len(mine[i:i + 256])]
+            tot += torch.tensor([s.sum().item(), len(s)])
+        tot = dist.all_sum(tot)
+        return {"eval/accuracy": acc, "eval/rm_score": (tot[0] / tot[1]).item()}
+
+    if start == 0:
+        metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="ppo")
+    t_log, tokens = time.time(), 0.0
+    for step in bar:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch))
+        batch = [prompts[j] for j in order[k * G + rank * args.batch_size:k * G + (rank + 1) * args.batch_size].tolist()
+                 for _ in range(args.group_size)]
+
+        # Rollout: sample, then score with the frozen models and the critic as it is now (old values).
+        ids, attn, P, mask, has_eos = rollout([p for p, _, _ in batch])
+        T = ids.shape[1] - P
+        with torch.no_grad():
+            old_logps, _ = logps(actor, ids, attn, T)
+            ref_logps, _ = logps(ref, ids, attn, T)
+            old_values = forward(critic, ids, attn, T)[..., 0].float()
+            scores = rm_scores(ids, attn, mask, has_eos, P)
+            texts = tok.batch_decode(ids[:, P:], skip_special_tokens=True)
+            gold = [toy.verify(t, a) for t, (_, a, _) in zip(texts, batch) if a is not None]
+            lengths = mask.sum(1)
+            if args.mask_truncated:
+                mask &= has_eos[:, None]
+            beta = both.beta.item()
+            kl_BT = kl_estimate(old_logps, ref_logps, args.kl_estimator) * mask
+            rewards = token_rewards(scores - args.missing_eos_penalty * (~has_eos), kl_BT, mask,
+                                    beta if args.kl_placement == "reward" else 0.0)
+            adv, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+            adv = whiten(adv, mask, lambda v: dist.all_sum(v).to(v))
+
+        # PPO epochs over shuffled minibatches of this rollout, each normalised by its global completion-token count.
+        sums, n_updates, stop = torch.zeros(8), 0, False
+        for _ in range(args.ppo_epochs):
+            for mb in torch.randperm(rows).view(args.num_minibatches, -1):
+                n_tok = dist.all_sum(mask[mb].sum()).item()
+                mb_sums = torch.zeros(8)
+                for i, mi in enumerate(mb.view(args.grad_accum, -1)):
+                    if world > 1:
+                        actor.set_requires_gradient_sync(i == args.grad_accum - 1)
+                        critic.set_requires_gradient_sync(i == args.grad_accum - 1)
+                    m = mask[mi]
+                    new_logps, ent = logps(actor, ids[mi], attn[mi], T, entropy_grad=args.ent_coef > 0)
+                    values = forward(critic, ids[mi], attn[mi], T)[..., 0].float()
+                    pg, pg_clipped = policy_loss(new_logps, old_logps[mi], adv[mi], m, args.clip_eps, n_tok)
+                    vf, vf_clipped = value_loss(values, old_values[mi], returns[mi], m, args.vf_clip, n_tok)
+                    entropy = (ent * m).sum() / max(n_tok, 1)
+                    loss = pg + args.vf_coef * vf - args.ent_coef * entropy
+                    if args.kl_placement == "loss":  # β Ê_t[KL_t(πθ‖π_ref)], differentiated through πθ's log-probs
+                        loss = loss + beta * (kl_estimate(new_logps, ref_logps[mi], args.kl_estimator) * m).sum() / max(n_tok, 1)
+                    (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
+                    log_ratio = (new_logps - old_logps[mi]).detach()
+                    approx_kl = ((torch.expm1(log_ratio) - log_ratio) * m).sum() / max(n_tok, 1)  # k3 of KL(π_old‖πθ)
+                    mb_sums += torch.tensor([loss.item(), pg.item(), vf.item(), entropy.item(), approx_kl.item(),
+                                             pg_clipped.sum().item() / max(n_tok, 1), vf_clipped.sum().item() / max(n_tok, 1), 0.0])
+                mb_sums = dist.all_sum(mb_sums).float()
+                if not math.isfinite(mb_sums[0]):
+                    data.fail(f"non-finite loss {mb_sums[0].item()} at step {step + 1}; stopping without saving a model")
+                if args.target_kl and mb_sums[4] > args.target_kl:  # πθ moved too far from π_old: keep the rest of the rollout out
+                    opt.zero_grad(set_to_none=True)
+                    stop = True
+                    break
+                mb_sums[7] = dist.grad_norm(actor, args.max_grad_norm)
+                dist.grad_norm(critic, args.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sums, n_updates = sums + mb_sums, n_updates + 1
+            if stop:
+                break
+        sched.step()
+
+        # Rollout statistics of the global batch; the KL controller reads the mean sequence KL.
+        stats = dist.all_sum(torch.tensor([scores.sum().item(), (scores ** 2).sum().item(), len(scores), sum(gold), len(gold),
+                                           kl_BT.sum().item(), lengths.sum().item(), (~has_eos).sum().item()]))
+        kl = (stats[5] / stats[2]).item()
+        if args.adaptive_kl:
+            both.beta.fill_(adaptive_kl(beta, kl, args.kl_target, stats[2].item(), args.kl_horizon))
+        tokens += dist.all_sum(attn.sum().item()).item()
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            tps = tokens / (time.time() - t_log)
+            mean = (stats[0] / stats[2]).item()
+            avg = (sums / max(n_updates, 1)).tolist()
+            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
+            gold_m = {"reward/gold": (stats[3] / stats[4]).item()} if stats[4] else {}
+            metrics.log(done, loss=avg[0], policy_loss=avg[1], value_loss=avg[2], entropy=avg[3], approx_kl=avg[4],
+                        clip_frac=avg[5], vf_clip_frac=avg[6], grad_norm=avg[7], lr=sched.get_last_lr()[0], kl=kl, beta=beta,
+                        response_length=(stats[6] / stats[2]).item(), truncated_frac=(stats[7] / stats[2]).item(),
+                        ppo_updates=n_updates, tokens_per_s=tps, peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch,
+                        **{"reward/mean": mean, "reward/std": math.sqrt(max((stats[1] / stats[2]).item() - mean ** 2, 0.0))},
+                        **gold_m, **extra)
+            t_log, tokens = time.time(), 0.0
+        if args.save_every and done % args.save_every == 0 and done < total_steps:
+            dist.save_checkpoint(ckpt, both, opt, sched, done, rank)
+    dist.save_model(actor, tok, args.output_dir, rank)
+    say(f"saved {args.output_dir}")
+
+
+def parse_args(argv=None):
+    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+
+
+if __name__ == "__main__":
+    main(parse_args())

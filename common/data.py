@@ -111,3 +111,16 @@ class Metrics:
             f.write(json.dumps(row) + "\n")
         line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         tqdm.write(line)
+
+
+def unpaired(rec, where):
+    """KTO record -> [(prompt, completion, desirable)]: {"prompt", "completion", "label": bool}, or a pair split in two."""
+    if "chosen" in rec or "rejected" in rec:
+        prompt, chosen, rejected = preference(rec, where)
+        return [(prompt, chosen, True), (prompt, rejected, False)]
+    prompt = messages(field(rec, where, "prompt", (str, list)), where, "prompt", "user")
+    completion = messages(field(rec, where, "completion", (str, list)), where, "completion", "assistant")
+    label = field(rec, where, "label", bool)
+    if not completion[-1]["content"].strip():
+        fail(f"{where}: field 'completion' is an empty completion")
+    return [(prompt, completion, label)]

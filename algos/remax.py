@@ -1,0 +1,311 @@
+"""ReMax: REINFORCE with the reward of the greedy completion as baseline, no clip and no critic.
+
+Each prompt x gets sampled completions y_i and one greedy completion ŷ (argmax decoding). Samples are
+scored by a verifier (exact match of the final answer) minus the KL penalty of the whole completion,
+R_i = r_i - β Σ_t k_i,t; the baseline is the verifier reward of the greedy completion, r(x, ŷ), which does
+not depend on y_i (the gradient stays unbiased) and needs no value model:
+
+    ∇J(θ) = (1/N) Σ_i (R_i - r(x_i, ŷ_i)) Σ_t ∇θ log πθ(y_i,t | x_i, y_i,<t),   N = Σ_i |y_i|
+
+Reference: Li et al., "ReMax: A Simple, Effective, and Efficient Reinforcement Learning Method for Aligning
+Large Language Models", arXiv:2310.10505.
+Deviations from the paper:
+  1. --group_size samples per prompt share its one greedy baseline (the paper: one sample per prompt,
+     --group_size 1), so every method of the family sees the same number of samples per step.
+  2. The sum over samples is divided by the global completion-token count N (the paper: by the number of
+     samples); the gradient direction is the same, and the step no longer grows with completion length.
+     --loss_agg sequence averages log-probs over each completion's tokens instead of summing them.
+  3. The KL penalty uses the per-token estimator --kl_estimator (k1 by default, the log-ratio), summed over
+     the completion and subtracted from the sample's reward only; it is computed from the sampling-time log-probs.
+  4. Log-probs are of the tempered policy softmax(logits / T) that sampled (as in TRL); top-p truncation
+     is not accounted for in them.
+  5. With several processes each samples its own prompts; sampling is seeded per micro-batch, so the
+     samples (and the loss) do not depend on the process count.
+Data: JSONL, {"prompt": ..., "answer": ...} (prompt: a string or a message list); reward = common.toy.verify.
+Run:  python algos/remax.py
+      torchrun --nproc_per_node 8 algos/remax.py --model runs/sft --data prompts.jsonl --max_new_tokens 256
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser, get_constant_schedule_with_warmup
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import data, dist, toy  # noqa: E402
+from common.template import encode_prompt  # noqa: E402
+
+
+@dataclass
+class Args:
+    model: str = "runs/sft"  # path or hub name of the policy to start from; default: the SFT output
+    ref_model: str = ""  # frozen reference policy of the KL penalty; default: --model
+    data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
+    eval_data: str = ""  # JSONL of held-out {"prompt", "answer"}; default: the embedded eval set
+    output_dir: str = "runs/remax"  # model, args.json, metrics.jsonl, checkpoint/
+    max_len: int = 128  # prompt + completion tokens; longer prompts are dropped (and counted)
+    batch_size: int = 16  # prompts per process per micro-batch (each sampled group_size times)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    group_size: int = 8  # sampled completions per prompt (plus one greedy completion, the baseline)
+    max_new_tokens: int = 12  # completion length limit
+    temperature: float = 1.0  # sampling temperature (log-probs are of the tempered policy)
+    top_p: float = 1.0  # nucleus sampling
+    mask_truncated: bool = False  # completions that hit max_new_tokens without EOS carry no loss (DAPO)
+    beta: float = 0.04  # KL coefficient β (0: no reference model is loaded)
+    kl_estimator: str = "k1"  # k1 | k2 | k3: per-token estimator of KL(πθ ‖ π_ref), summed into the penalty
+    loss_agg: str = "token"  # token: Σ ℓ / global token count | sequence: mean over sequences of the per-sequence token mean
+    lr: float = 2e-4  # learning rate (AdamW), constant after warmup
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_steps: int = 150  # sampled batches (one optimizer step each); 0: --epochs over the prompts
+    epochs: int = 1  # passes over the prompts when max_steps is 0
+    warmup_ratio: float = 0.0  # fraction of optimizer steps of linear warmup
+    seed: int = 0  # seed of the prompt order, the sampling and every RNG
+    log_every: int = 5  # steps between metrics lines
+    eval_every: int = 50  # steps between evaluations (0: only at the start and the end)
+    save_every: int = 50  # steps between resumable checkpoints (0: none)
+    resume: bool = False  # continue from output_dir/checkpoint when it exists
+    trust_remote_code: bool = False  # allow model code from the hub to run
+
+
+def remax_advantages(rewards_BG, greedy_rewards_B):
+    """A_i = R_i - r(x, ŷ): every sample of a prompt (row) minus the reward of that prompt's greedy completion."""
+    return rewards_BG - greedy_rewards_B[:, None]
+
+
+def reinforce_loss(logps_BT, adv_B):
+    """Per-token REINFORCE loss -A_i log πθ(y_i,t): its gradient is -A_i ∇θ log πθ, summed over tokens by aggregate()."""
+    return -adv_B[:, None] * logps_BT
+
+
+def kl_estimate(logps, ref_logps, kind="k3"):
+    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π, with log r = log π_ref - log π:
+    k1 = -log r (unbiased), k2 = (log r)²/2 (biased, low variance), k3 = r - 1 - log r (unbiased, ≥ 0)."""
+    log_r = ref_logps - logps
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return log_r ** 2 / 2
+    if kind == "k3":
+        return torch.exp(log_r) - 1 - log_r
+    raise ValueError(f"unknown KL estimator {kind!r} (k1, k2 or k3)")
+
+
+def aggregate(loss_BT, mask_BT, loss_agg, n_global):
+    """token: Σ_i Σ_t ℓ / N, N the global completion-token count; sequence: Σ_i (1/|o_i|) Σ_t ℓ / N, N the global
+    count of completions with a loss token. A micro-batch without loss tokens contributes exactly 0."""
+    if loss_agg == "token":
+        return (loss_BT * mask_BT).sum() / max(n_global, 1)
+    return ((loss_BT * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)).sum() / max(n_global, 1)
+
+
+def token_logps(logits_NV, ids_N, temperature=1.0, chunk=4096):
+    """log p(id) = logit[id] - logsumexp(logits) of softmax(logits / T), and the entropy (no grad), in chunks."""
+    logps, ents = [], []
+    for i in range(0, max(len(ids_N), 1), chunk):
+        lg = logits_NV[i:i + chunk].float() / temperature
+        lse = torch.logsumexp(lg, -1)
+        logps.append(lg.gather(-1, ids_N[i:i + chunk, None]).squeeze(-1) - lse)
+        with torch.no_grad():
+            ents.append(lse - (lg.softmax(-1) * lg).sum(-1))
+    return torch.cat(logps), torch.cat(ents)
+
+
+def completion_logps(model, ids_BL, attn_BL, C, temperature, device):
+    """Log-probs and entropies of the last C tokens: left-padded rows, position ids counted from each row's first real token."""
+    pos_BL = (attn_BL.cumsum(-1) - 1).clamp(min=0)
+    with dist.autocast(device):
+        logits = model(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL, use_cache=False, logits_to_keep=C + 1).logits
+    logps, ents = token_logps(logits[:, :-1].reshape(-1, logits.shape[-1]), ids_BL[:, -C:].reshape(-1), temperature)
+    return logps.view(-1, C), ents.view(-1, C)
+
+
+@torch.no_grad()
+def generate(model, prompts, tok, gen_cfg, device, synced=False):
+    """Batched sampling with the KV cache: prompts left-padded -> (ids_BL, attn_BL, completion length C, mask_BC, ended_B).
+    The completion mask covers the tokens up to and including the first EOS; padding after it is excluded."""
+    width = max(map(len, prompts))
+    x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(input_ids=x, attention_mask=attn, generation_config=gen_cfg, synced_gpus=synced)
+    comp_BC = out[:, width:]
+    C = comp_BC.shape[1]
+    is_eos = comp_BC == tok.eos_token_id
+    ended_B = is_eos.any(-1)
+    first_B = torch.where(ended_B, is_eos.int().argmax(-1), C)
+    mask_BC = torch.arange(C, device=device)[None] <= first_B[:, None]
+    return out, torch.cat([attn, torch.ones_like(comp_BC)], 1), C, mask_BC, ended_B
+
+
+def load_prompts(path, tok, args):
+    """-> [(prompt ids, answer)]; prompts leaving fewer than max_new_tokens of max_len are dropped (and counted)."""
+    recs, n_long = [], 0
+    for where, rec in data.read_jsonl(path):
+        prompt = data.messages(data.field(rec, where, "prompt", (str, list)), where, "prompt", "user")
+        answer = data.field(rec, where, "answer", str)
+        ids = encode_prompt(tok, prompt)
+        if len(ids) + args.max_new_tokens > args.max_len:
+            n_long += 1
+        else:
+            recs.append({"ids": ids, "prompt": rec["prompt"], "answer": answer})
+    return recs, n_long
+
+
+def distinct2(comps):
+    """Distinct bigrams over all bigrams of one group's completions (1: all different, low: mode collapse)."""
+    grams = [tuple(c[j:j + 2]) for c in comps for j in range(len(c) - 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def main(args):
+    rank, world, device = dist.setup(args.seed)
+    args.data = args.data or toy.data("rl.jsonl")
+    args.eval_data = args.eval_data or toy.data("eval.jsonl")
+    args.ref_model = args.ref_model or args.model
+    say = tqdm.write if rank == 0 else (lambda *_: None)
+    if args.model == "runs/sft" and not os.path.exists(args.model):
+        data.fail("runs/sft not found: run algos/sft.py first, or pass --model")
+    if args.kl_estimator not in ("k1", "k2", "k3") or args.loss_agg not in ("token", "sequence"):
+        data.fail("--kl_estimator must be k1|k2|k3, --loss_agg token|sequence")
+    if args.group_size < 1:
+        data.fail("--group_size must be at least 1")
+
+    # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        data.fail(f"cannot load tokenizer {args.model!r}: {str(e).splitlines()[0]}")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    prompts, n_long = load_prompts(args.data, tok, args)
+    eval_recs = [{"prompt": r["prompt"], "answer": r["answer"]} for r in load_prompts(args.eval_data, tok, args)[0]]
+    say(f"{len(prompts)} prompts; {n_long} longer than max_len={args.max_len} - max_new_tokens were dropped")
+    P = args.batch_size * args.grad_accum * world  # prompts per step
+    if len(prompts) < P:
+        data.fail(f"{args.data}: {len(prompts)} prompts, fewer than one global batch of {P}")
+    steps_per_epoch = len(prompts) // P
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+
+    # Models: the policy, and a frozen reference when β > 0. Dropout stays off: every forward runs in eval mode,
+    # so old, current and reference log-probs compare the same deterministic function (TRL #744).
+    def load(path):
+        try:
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+                                                     trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as e:
+            data.fail(f"cannot load model {path!r}: {str(e).splitlines()[0]}")
+        if len(tok) > m.get_input_embeddings().num_embeddings:
+            data.fail(f"tokenizer has {len(tok)} tokens but model {path!r} embeds only {m.get_input_embeddings().num_embeddings}")
+        return dist.shard(m, world, device).eval()
+
+    model = load(args.model)
+    ref = load(args.ref_model).requires_grad_(False) if args.beta > 0 else None
+    gen_cfg = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # nothing else from the model's own config
+    greedy_cfg = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = get_constant_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps))
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    start = dist.load_checkpoint(ckpt, model, opt, sched, rank) if args.resume else 0
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start)
+    if start:
+        say(f"resumed from {ckpt} at step {start}")
+
+    def rollout(recs, seed):
+        """G samples per prompt, their rewards, the old (sampling) and reference log-probs, and the greedy baseline, all without gradients."""
+        torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
+        ids, attn, C, mask, ended = generate(model, [r["ids"] for r in recs for _ in range(args.group_size)], tok, gen_cfg, device, world > 1)
+        texts = tok.batch_decode(ids[:, -C:], skip_special_tokens=True)
+        rewards = torch.tensor([toy.verify(t, r["answer"]) for t, r in zip(texts, [r for r in recs for _ in range(args.group_size)])])
+        with torch.no_grad():
+            old_logps, ents = completion_logps(model, ids, attn, C, args.temperature, device)
+            ref_logps = completion_logps(ref, ids, attn, C, args.temperature, device)[0] if ref is not None else None
+        if args.mask_truncated:
+            mask = mask & ended[:, None]
+        g_ids, _, g_C, _, _ = generate(model, [r["ids"] for r in recs], tok, greedy_cfg, device, world > 1)  # ŷ: one per prompt
+        greedy = torch.tensor([toy.verify(t, r["answer"]) for t, r in zip(tok.batch_decode(g_ids[:, -g_C:], skip_special_tokens=True), recs)])
+        return dict(ids=ids, attn=attn, C=C, mask=mask.float(), rewards=rewards, old_logps=old_logps, ref_logps=ref_logps, ents=ents, greedy=greedy)
+
+    def evaluate():
+        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs)}
+
+    if start == 0:
+        metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="remax")
+    t_log, tokens = time.time(), 0.0
+    for step in bar:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch))
+        idx = order[k * P:(k + 1) * P]
+        micro = [(i * world + rank, idx[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size]) for i in range(args.grad_accum)]
+        batches = [rollout([prompts[j] for j in m.tolist()], args.seed * 10**9 + step * 10**4 + g) for g, m in micro]
+
+        # Rewards -> advantages, group by group (a prompt's G samples are consecutive rows of one micro-batch).
+        stats = torch.zeros(9)
+        for b in batches:
+            score_B = b["rewards"].clone()
+            if ref is not None:
+                kl_BC = kl_estimate(b["old_logps"], b["ref_logps"], args.kl_estimator)
+                score_B = score_B - args.beta * (kl_BC * b["mask"]).sum(-1)  # R_i = r_i - β Σ_t k_i,t
+                stats[5] += (kl_estimate(b["old_logps"], b["ref_logps"], "k3") * b["mask"]).sum()
+            b["adv"] = remax_advantages(score_B.view(-1, args.group_size), b["greedy"]).view(-1)
+            r_BG = b["rewards"].view(-1, args.group_size)
+            comps = [row[:int(n)] for row, n in zip(b["ids"][:, -b["C"]:].tolist(), b["mask"].sum(-1).tolist())]
+            stats += torch.tensor([r_BG.sum(), (r_BG ** 2).sum(), r_BG.numel(), (r_BG.amax(-1) == r_BG.amin(-1)).sum(), len(r_BG), 0,
+                                   (b["ents"] * b["mask"]).sum(), b["mask"].sum(),
+                                   sum(distinct2(comps[j:j + args.group_size]) for j in range(0, len(comps), args.group_size))])
+            tokens += b["attn"].sum().item()
+        stats = dist.all_sum(stats)
+        n_global = stats[7].item() if args.loss_agg == "token" else dist.all_sum(sum((b["mask"].sum(-1) > 0).sum() for b in batches)).item()
+
+        # Update: one on-policy optimizer step over all micro-batches (REINFORCE needs samples of the current policy).
+        loss_sum = 0.0
+        for i, b in enumerate(batches):
+            if world > 1:
+                model.set_requires_gradient_sync(i == len(batches) - 1)
+            logps, _ = completion_logps(model, b["ids"], b["attn"], b["C"], args.temperature, device)
+            loss_BT = reinforce_loss(logps, b["adv"])
+            loss = aggregate(loss_BT, b["mask"], args.loss_agg, n_global)
+            (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
+            loss_sum += loss.item()
+        if not math.isfinite(dist.all_sum(loss_sum).item()):
+            data.fail(f"non-finite loss at step {step + 1}; stopping without saving a model")
+        gnorm = dist.grad_norm(model, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_step = dist.all_sum(loss_sum).item()
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            tps = dist.all_sum(tokens).item() / (time.time() - t_log)
+            mean = (stats[0] / stats[2]).item()
+            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
+            kl = {"kl": (stats[5] / stats[7]).item()} if ref is not None else {}
+            metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean,
+                        "reward/std": math.sqrt(max((stats[1] / stats[2]).item() - mean ** 2, 0.0)), "frac_zero_std": (stats[3] / stats[4]).item()},
+                        **kl, entropy=(stats[6] / stats[7]).item(),
+                        response_length=(stats[7] / stats[2]).item(), distinct2=(stats[8] / stats[4]).item(), **extra)
+            t_log, tokens = time.time(), 0.0
+        if args.save_every and done % args.save_every == 0 and done < total_steps:
+            dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
+    dist.save_model(model, tok, args.output_dir, rank)
+    say(f"saved {args.output_dir}")
+
+
+def parse_args(argv=None):
+    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+
+
+if __name__ == "__main__":
+    main(parse_args())

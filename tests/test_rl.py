@@ -1,0 +1,176 @@
+"""Online RL family (grpo, rloo, remax): advantages, surrogate, KL estimators and loss denominators by hand;
+batched generation; 1 vs 2 processes; learning on the embedded task."""
+import json
+import math
+
+import pytest
+import torch
+from util import metrics, run
+
+from algos.grpo import aggregate, clipped_surrogate, completion_logps, generate, grpo_advantages, kl_estimate
+from algos.remax import remax_advantages
+from algos.rloo import reinforce_loss, rloo_advantages
+from common import toy
+
+
+def test_group_normalised_advantages():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [3.0, 1.0, 2.0, 2.0]])
+    # group 0: mean 1/2, sample std sqrt(4 * (1/2)^2 / 3) = sqrt(1/3); group 1: no variance -> no signal
+    s0 = math.sqrt(1 / 3)
+    # group 2: mean 2, deviations 1, -1, 0, 0, sample std sqrt(2/3)
+    s2 = math.sqrt(2 / 3)
+    want = torch.tensor([[0.5 / (s0 + 1e-4), -0.5 / (s0 + 1e-4), -0.5 / (s0 + 1e-4), 0.5 / (s0 + 1e-4)],
+                         [0.0, 0.0, 0.0, 0.0], [1 / (s2 + 1e-4), -1 / (s2 + 1e-4), 0.0, 0.0]])
+    assert torch.allclose(grpo_advantages(r), want, atol=1e-6)
+    # Dr. GRPO: centred only
+    assert torch.allclose(grpo_advantages(r, scale_rewards=False), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4, [1.0, -1.0, 0.0, 0.0]]))
+
+
+def test_leave_one_out_advantages():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 2.0, 0.0]])
+    # sample i minus the mean of the other three
+    want = torch.tensor([[1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3], [3 - 1.0, 1 - 5 / 3, 2 - 4 / 3, 0 - 2.0]])
+    assert torch.allclose(rloo_advantages(r), want, atol=1e-6)
+
+
+def test_remax_baseline_is_the_greedy_reward():
+    r = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    assert torch.equal(remax_advantages(r, torch.tensor([1.0, 0.0])), torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, 1.0]]))
+
+
+def test_reinforce_loss_gradient_is_minus_advantage():
+    logps = torch.tensor([[-0.5, -1.0], [-2.0, -0.1]], requires_grad=True)
+    loss = reinforce_loss(logps, torch.tensor([2.0, -1.0]))
+    assert torch.allclose(loss, torch.tensor([[1.0, 2.0], [-2.0, -0.1]]))
+    loss.sum().backward()
+    assert torch.equal(logps.grad, torch.tensor([[-2.0, -2.0], [1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("ratio,adv,eps_high,loss,clipped", [
+    (1.1, 1.0, 0.0, -1.1, False),   # inside the range: plain ratio x advantage
+    (0.9, -1.0, 0.0, 0.9, False),
+    (1.5, 1.0, 0.0, -1.2, True),    # A > 0, ratio above 1 + ε: capped at 1.2, no gradient
+    (0.5, 1.0, 0.0, -0.5, False),   # A > 0, ratio below 1 - ε: the min keeps the unclipped (worse) term
+    (0.5, -1.0, 0.0, 0.8, True),    # A < 0, ratio below 1 - ε: floored at 0.8, no gradient
+    (1.5, -1.0, 0.0, 1.5, False),   # A < 0, ratio above 1 + ε: unclipped, the loss keeps growing
+    (1.25, 2.0, 0.0, -2.4, True),   # symmetric clip: 1.25 > 1.2
+    (1.25, 2.0, 0.28, -2.5, False),  # DAPO clip-higher: 1.25 < 1.28 is inside
+    (1.5, 2.0, 0.28, -2.56, True),
+    (0.75, -2.0, 0.28, 1.6, True),  # ε_high leaves the lower bound at 1 - 0.2
+])
+def test_clipped_surrogate(ratio, adv, eps_high, loss, clipped):
+    old = torch.tensor([[-1.0]])
+    logps = (old + math.log(ratio)).requires_grad_(True)
+    out, clip = clipped_surrogate(logps, old, torch.tensor([adv]), 0.2, eps_high)
+    assert out.item() == pytest.approx(loss, abs=1e-6) and clip.item() == clipped
+    out.sum().backward()
+    # d(-ρA)/d log π = -ρA where the unclipped term is active, 0 where the clip is
+    assert logps.grad.item() == pytest.approx(0.0 if clipped else -ratio * adv, abs=1e-6)
+
+
+def test_token_and_sequence_mean_denominators():
+    loss = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert aggregate(loss, mask, "token", 4).item() == pytest.approx((1 + 2 + 3 + 4) / 4)  # every token weighs the same
+    assert aggregate(loss, mask, "sequence", 2).item() == pytest.approx((2 + 4) / 2)  # every completion weighs the same
+    # the denominator is the global count: two halves of a batch, each over the global count, add up to the whole
+    halves = aggregate(loss[:1], mask[:1], "token", 4) + aggregate(loss[1:], mask[1:], "token", 4)
+    assert halves.item() == pytest.approx(2.5)
+    assert aggregate(loss, torch.zeros_like(mask), "token", 0).item() == 0.0  # fully masked: 0, not NaN
+
+
+def test_kl_estimators_by_monte_carlo():
+    p, q = torch.tensor([0.5, 0.3, 0.15, 0.05]), torch.tensor([0.1, 0.2, 0.3, 0.4])  # π and π_ref
+    kl = (p * (p / q).log()).sum()
+    assert kl.item() == pytest.approx(torch.distributions.kl_divergence(torch.distributions.Categorical(p), torch.distributions.Categorical(q)).item())
+    y = torch.multinomial(p, 400_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    lp, lq = p.log()[y], q.log()[y]
+    est = {k: kl_estimate(lp, lq, k) for k in ("k1", "k2", "k3")}
+    se = {k: v.std().item() / math.sqrt(len(y)) for k, v in est.items()}
+    assert abs(est["k1"].mean() - kl) < 4 * se["k1"]  # unbiased
+    assert abs(est["k3"].mean() - kl) < 4 * se["k3"]  # unbiased
+    assert (est["k3"] >= 0).all() and se["k3"] < se["k1"]  # non-negative, and lower variance here
+    exact_k2 = (p * (q / p).log() ** 2 / 2).sum()  # E[k2] in closed form: not the KL
+    assert abs(est["k2"].mean() - exact_k2) < 4 * se["k2"] and abs(exact_k2 - kl) > 50 * se["k2"]
+
+
+def test_k3_as_a_loss_differentiates_the_reverse_kl():
+    """E_π[∇ k3] = ∇ KL(π_ref ‖ π) and E_π[∇ k2] = ∇ KL(π ‖ π_ref) (verl PR #2953), by exact expectation over categories."""
+    logits = torch.tensor([1.0, 0.2, -0.5, -1.0], requires_grad=True)
+    lq = torch.tensor([0.1, 0.2, 0.3, 0.4]).log()
+
+    def grad(f):
+        logits.grad = None
+        f(logits.log_softmax(-1)).backward()
+        return logits.grad.clone()
+
+    p_fixed = logits.softmax(-1).detach()  # the sampling distribution: no gradient flows through the samples
+    g_k3 = grad(lambda lp: (p_fixed * kl_estimate(lp, lq, "k3")).sum())
+    g_k2 = grad(lambda lp: (p_fixed * kl_estimate(lp, lq, "k2")).sum())
+    g_forward = grad(lambda lp: (lp.exp() * (lp - lq)).sum())  # ∇ KL(π ‖ π_ref)
+    g_reverse = grad(lambda lp: (lq.exp() * (lq - lp)).sum())  # ∇ KL(π_ref ‖ π)
+    assert torch.allclose(g_k3, g_reverse, atol=1e-6) and torch.allclose(g_k2, g_forward, atol=1e-6)
+    assert not torch.allclose(g_k3, g_forward, atol=1e-2)
+
+
+def test_batched_left_padded_generation_matches_one_at_a_time(sft_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from common.template import encode_prompt
+    tok = AutoTokenizer.from_pretrained(sft_run)
+    model = AutoModelForCausalLM.from_pretrained(sft_run, attn_implementation="sdpa").eval()
+    qs = ["1+1", "77-13", "5-0", "98+87", "30-28", "6+6"]  # prompts of different lengths: rows get different left padding
+    prompts = [encode_prompt(tok, [{"role": "user", "content": f"What is {q}?"}]) for q in qs]
+    assert len(set(map(len, prompts))) > 1
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cpu = torch.device("cpu")
+    ids, attn, C, mask, ended = generate(model, prompts, tok, cfg, cpu)
+    logps, _ = completion_logps(model, ids, attn, C, 1.0, cpu)
+    for i, p in enumerate(prompts):
+        one, one_attn, one_C, one_mask, _ = generate(model, [p], tok, cfg, cpu)
+        n = int(one_mask.sum())
+        assert ids[i, -C:][:n].tolist() == one[0, -one_C:][:n].tolist() and int(mask[i].sum()) == n
+        # the masked completion ends at its first EOS (included); everything after it is padding
+        comp = ids[i, -C:].tolist()
+        if ended[i]:
+            assert comp.index(tok.eos_token_id) == n - 1 and all(t == tok.pad_token_id for t in comp[n:])
+        one_logps, _ = completion_logps(model, one, one_attn, one_C, 1.0, cpu)
+        assert torch.allclose(logps[i, :n], one_logps[0, :n], atol=1e-5)  # position ids count from the first real token
+    assert ended.any()
+
+
+def tiny_eval(tmp_path, n=16):
+    path = tmp_path / "eval.jsonl"
+    with open(toy.data("eval.jsonl")) as f:
+        path.write_text("".join(f.readline() for _ in range(n)))
+    return path
+
+
+def test_two_processes_give_the_same_grpo_loss(sft_run, tmp_path):
+    """4 prompts x 8 samples a step: 1 process with 2 micro-batches of 2 prompts against 2 processes with 2 prompts each."""
+    common = ["--model", sft_run, "--eval_data", tiny_eval(tmp_path), "--max_steps", 3, "--log_every", 1, "--eval_every", 0,
+              "--save_every", 0, "--batch_size", 2, "--lr", 1e-3]
+    run("grpo", "--output_dir", tmp_path / "one", "--grad_accum", 2, *common)
+    run("grpo", "--output_dir", tmp_path / "two", *common, nproc=2)
+    one, two = [[m for m in metrics(tmp_path / d) if "loss" in m] for d in ("one", "two")]
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert a["reward/mean"] == b["reward/mean"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["kl"] == pytest.approx(b["kl"], abs=1e-6)
+    assert any(abs(m["loss"]) > 1e-3 for m in one)  # the comparison is not of zeros
+
+
+LEARN = {"grpo": [], "rloo": [], "remax": []}
+
+
+@pytest.mark.parametrize("algo", sorted(LEARN))
+def test_learns_over_the_sft_start(algo, sft_run, tmp_path):
+    run(algo, "--model", sft_run, "--output_dir", tmp_path, "--save_every", 0, *LEARN[algo])
+    m = metrics(tmp_path)
+    acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
+    rew = [r["reward/mean"] for r in m if "reward/mean" in r]
+    print(f"{algo}: eval accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, reward {rew[0]:.3f} -> {rew[-1]:.3f}")
+    assert acc[-1] >= acc[0] + 0.1
+    assert all(k in m[-1] for k in ("kl", "entropy", "response_length", "distinct2", "frac_zero_std", "reward/std"))
+    with open(tmp_path / "args.json") as f:
+        assert json.load(f)["model"] == str(sft_run)

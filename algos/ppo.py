@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                          AutoTokenizer, HfArgumentParser, get_constant_schedule_with_warmup)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+                          AutoTokenizer, GenerationConfig, HfArgumentParser, get_constant_schedule_with_warmup)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -164,11 +164,13 @@ def logps_entropy(logits_BTV, tokens_BT, entropy_grad=False, chunk=16):
     return torch.cat(lps), torch.cat(ents)
 
 
-def load(cls, path, args, device, **kw):
-    """A model in eval mode (eval only switches dropout off; gradients still flow where wanted)."""
+def load(cls, path, args, device, **config):
+    """A model with the given config fields set, in eval mode (eval only switches dropout off; gradients still flow)."""
     try:
-        m = cls.from_pretrained(path, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
-                                trust_remote_code=args.trust_remote_code, **kw)
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        cfg.update(config)
+        m = cls.from_pretrained(path, config=cfg, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+                                trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         data.fail(f"cannot load model {path!r}: {str(e).splitlines()[0]}")
     return m.to(device).eval()
@@ -258,6 +260,9 @@ def main(args):
     if start:
         say(f"resumed from {ckpt} at step {start}")
     pad, eos = tok.pad_token_id, tok.eos_token_id
+    gen = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)  # nothing from the model's own config
+    sampling = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, **gen)
+    greedy_cfg = GenerationConfig(do_sample=False, **gen)
 
     @torch.no_grad()
     def rollout(prompt_ids, greedy=False):
@@ -266,10 +271,8 @@ def main(args):
         P = max(map(len, prompt_ids))
         x = torch.tensor([[pad] * (P - len(p)) + p for p in prompt_ids], device=device)
         attn = (torch.arange(P, device=device) >= P - torch.tensor([len(p) for p in prompt_ids], device=device)[:, None]).long()
-        how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
         with dist.autocast(device):
-            out = actor.generate(input_ids=x, attention_mask=attn, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=pad, synced_gpus=world > 1, **how)
+            out = actor.generate(input_ids=x, attention_mask=attn, generation_config=greedy_cfg if greedy else sampling, synced_gpus=world > 1)
         is_eos = out[:, P:] == eos
         mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
         return out, torch.cat([attn, mask.long()], 1), P, mask, is_eos.any(1)

@@ -1,0 +1,162 @@
+"""distill.py and merge.py: KL losses and merge methods against hand-computed values, refusals, learning."""
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from util import metrics, run
+
+from algos.distill import forward_kl_loss, kl_per_token, nll_loss, reverse_kl_loss
+from algos.merge import Args as MergeArgs
+from algos.merge import dare, linear, merge_state_dicts, slerp, task_arithmetic, ties, trim
+
+P, Q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.25, 0.75]])
+
+
+# ---- KL losses: KL(p‖q) = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln(4/3); KL(q‖p) = 0.75 ln 1.5 - 0.25 ln 2
+
+def test_forward_and_reverse_kl_by_hand():
+    teacher, student = P.log(), Q.log()  # log-probabilities are valid logits
+    assert forward_kl_loss(student, teacher, 1).item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+    assert reverse_kl_loss(student, teacher, 1).item() == pytest.approx(0.75 * math.log(1.5) - 0.25 * math.log(2), abs=1e-6)
+    # a sum over positions divided by the global token count (here 2 positions of 5 in the global batch)
+    two = forward_kl_loss(torch.cat([student, teacher]), torch.cat([teacher, teacher]), 5)
+    assert two.item() == pytest.approx(0.5 * math.log(4 / 3) / 5, abs=1e-6)
+
+
+def test_kl_is_zero_when_student_equals_teacher():
+    logits = torch.randn(7, 11)
+    for loss in (forward_kl_loss, reverse_kl_loss):
+        for t in (1.0, 2.0):
+            assert loss(logits.clone(), logits, 7, t).abs().item() < 1e-6
+    assert kl_per_token(logits, logits + 3.0).abs().max().item() < 1e-5  # shift-invariant: same distribution
+
+
+def test_temperature_softens_both_and_scales_by_tau_squared():
+    # teacher logits [0, 2 ln 3] at τ = 2 give p = [1/4, 3/4]; student logits [0, 0] give q = [1/2, 1/2]
+    teacher, student = torch.tensor([[0.0, 2 * math.log(3)]]), torch.zeros(1, 2, requires_grad=True)
+    kl_pq = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    loss = forward_kl_loss(student, teacher, 1, temperature=2.0)
+    assert loss.item() == pytest.approx(4 * kl_pq, abs=1e-6)
+    loss.backward()  # d/dz τ² KL(p_τ ‖ softmax(z/τ)) = τ (q_τ - p_τ)
+    assert torch.allclose(student.grad, 2 * torch.tensor([[0.5 - 0.25, 0.5 - 0.75]]), atol=1e-6)
+    kl_qp = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert reverse_kl_loss(torch.zeros(1, 2), teacher, 1, 2.0).item() == pytest.approx(4 * kl_qp, abs=1e-6)
+
+
+def test_reverse_kl_gradient_flows_to_the_student_only():
+    s, t = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    reverse_kl_loss(s, t, 3).backward()
+    forward_kl_loss(s, t, 3).backward()
+    assert s.grad.abs().sum() > 0 and t.grad is None
+
+
+def test_seqkd_nll_by_hand():
+    logits = torch.tensor([[0.0, math.log(3)], [math.log(3), 0.0]])  # p(1) = 3/4 in row 0, p(1) = 1/4 in row 1
+    assert nll_loss(logits, torch.tensor([1, 1]), 4).item() == pytest.approx(-(math.log(0.75) + math.log(0.25)) / 4, abs=1e-6)
+
+
+# ---- merge methods on small tensors
+
+def test_linear_and_wise_ft():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
+    assert torch.allclose(linear([a, b], [0.5, 0.5]), torch.tensor([2.0, 4.0]))
+    args = MergeArgs(alpha=0.25)  # θ = 0.75 θ_base + 0.25 θ_ft
+    out = merge_state_dicts("linear", [{"w": b}], {"w": a}, [1.0], args)["w"]
+    assert torch.allclose(out, torch.tensor([1.5, 3.0]))
+
+
+def test_slerp_keeps_unit_norm_and_is_linear_for_parallel_vectors():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert torch.allclose(slerp(e1, e2, 0.5), torch.tensor([math.sqrt(0.5)] * 2), atol=1e-6)
+    for t in (0.0, 0.1, 0.3, 0.7, 1.0):  # on the unit circle: (cos tπ/2, sin tπ/2)
+        v = slerp(e1, e2, t)
+        assert v.norm().item() == pytest.approx(1.0, abs=1e-6)
+        assert torch.allclose(v, torch.tensor([math.cos(t * math.pi / 2), math.sin(t * math.pi / 2)]), atol=1e-6)
+    a = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    assert torch.allclose(slerp(a, 2 * a, 0.3), 0.7 * a + 0.3 * 2 * a)  # parallel: the linear fallback
+
+
+def test_task_arithmetic_by_hand():
+    base, m1, m2 = torch.tensor([1.0, 1.0]), torch.tensor([2.0, 1.0]), torch.tensor([1.0, 3.0])
+    assert torch.allclose(task_arithmetic(base, [m1, m2], [1.0, 1.0], scale=0.5), torch.tensor([1.5, 2.0]))
+
+
+def test_ties_trims_elects_the_sign_and_averages_agreeing_entries():
+    assert torch.equal(trim(torch.tensor([3.0, -1.0, 0.5, -2.0]), 0.5), torch.tensor([3.0, 0.0, 0.0, -2.0]))
+    base = torch.tensor([10.0, 0.0, 1.0])
+    taus = [torch.tensor([4.0, 1.0, -3.0]), torch.tensor([-1.0, -5.0, -2.0]), torch.tensor([-2.0, 0.1, 0.3])]
+    # density 2/3 keeps 2 of 3: [4, 0, -3], [0, -5, -2], [-2, 0, 0.3]; sums [2, -5, -4.7] elect [+, -, -];
+    # entry 0: only 4 agrees (-2 is outvoted); entry 1: -5; entry 2: mean(-3, -2) (0.3 disagrees)
+    out = ties(base, [base + t for t in taus], [1.0] * 3, density=2 / 3)
+    assert torch.allclose(out, base + torch.tensor([4.0, -5.0, -2.5]))
+
+
+def test_dare_rescale_preserves_the_expectation_and_is_seeded():
+    base, tau = torch.zeros(200_000), torch.full((200_000,), 2.0)
+    out = dare(base, [tau], [1.0], drop=0.3, generator=torch.Generator().manual_seed(0))
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.01)
+    assert torch.allclose(out[kept], torch.tensor(2.0 / 0.7))  # survivors rescaled by 1/(1-p)
+    assert out.mean().item() == pytest.approx(2.0, abs=0.02)  # E[τ̂] = τ
+    again = dare(base, [tau], [1.0], drop=0.3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_merging_a_model_with_itself_returns_it():
+    torch.manual_seed(0)
+    sd = {"a": torch.randn(4, 3), "b": torch.randn(5), "steps": torch.tensor([3])}
+    for method in ("linear", "slerp", "task_arithmetic", "ties", "dare"):
+        out = merge_state_dicts(method, [sd], sd, [1.0], MergeArgs(alpha=0.3))
+        assert all(torch.allclose(out[k].float(), sd[k].float(), atol=1e-6) for k in sd), method
+    out = merge_state_dicts("linear", [sd, sd], None, [0.5, 0.5], MergeArgs())
+    assert all(torch.allclose(out[k].float(), sd[k].float(), atol=1e-6) for k in sd)
+
+
+# ---- merge.py end to end: output, sweep, refusals
+
+@pytest.fixture(scope="module")
+def nudged(base, tmp_path_factory):
+    """The base with every weight moved by a fixed seeded amount: a second model of the same architecture."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path_factory.mktemp("nudged")
+    m = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def test_merge_writes_a_model_and_the_wise_ft_sweep(base, nudged, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "m"
+    run("merge", "--sweep", "--base", base, "--models", nudged, "--alphas", 0, 0.5, 1, "--alpha", 0.25, "--output_dir", out)
+    sd_a, sd_b = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (base, nudged))
+    sd = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.allclose(sd[k], 0.75 * sd_a[k] + 0.25 * sd_b[k], atol=1e-6) for k in sd)
+    assert AutoTokenizer.from_pretrained(out).chat_template == AutoTokenizer.from_pretrained(base).chat_template
+    sweep = [m for m in metrics(out) if "alpha" in m]
+    assert [m["alpha"] for m in sweep] == [0, 0.5, 1] and all(m["eval/perplexity"] > 1 for m in sweep)
+    assert sweep[0]["eval/perplexity"] == metrics(out)[0]["eval/perplexity"]  # α = 0 is the base itself
+    assert os.path.getsize(out / "wiseft.png") > 0
+
+
+def test_merge_refuses_mismatched_models(base, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(base)
+    small = tmp_path / "small"  # the same tensor names, other shapes
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, tie_word_embeddings=True)).save_pretrained(small)
+    tok.save_pretrained(small)
+    other_tok = tmp_path / "other_tok"  # the same weights, another chat template
+    shutil.copytree(base, other_tok)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(other_tok)
+    for bad, what in ((small, "shape"), (other_tok, "tokenizer")):
+        p = run("merge", "--base", base, "--models", bad, "--output_dir", tmp_path / "out", check=False)
+        assert p.returncode != 0 and what in p.stderr.strip().splitlines()[-1] and p.stderr.strip().splitlines()[-1].startswith("error:")
+        assert not (tmp_path / "out").exists()

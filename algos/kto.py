@@ -1,0 +1,296 @@
+"""Kahneman-Tversky Optimization (KTO): alignment from unpaired desirable and undesirable examples.
+
+Each example is one completion labelled desirable or not; no pairs are needed. Its implicit reward
+r = log πθ(y|x) - log πref(y|x) is compared with a reference point z_ref, an estimate of KL(πθ‖πref)
+from mismatched (prompt, completion) pairs of the batch, detached and clamped at 0, through a
+sigmoid value function: desirable examples gain by rising above z_ref, undesirable ones by falling
+below it. Log-probs are sums over the response tokens only:
+
+    L(θ) = (1/N) Σ_i [λ_yi - v(x_i, y_i)],   v = λD·σ(β(r - z_ref)) if y_i is desirable, λU·σ(β(z_ref - r)) if not
+
+Reference: Ethayarajh et al. 2024, arXiv:2402.01306.
+Deviations from the paper:
+  1. The mismatched pair of record k takes the completion of the next record of the global batch
+     (cyclically) whose prompt differs, so no record is paired with itself for any batch size, odd ones
+     included (a reversed-order pairing leaves the middle record of an odd batch matched with itself).
+     z_ref is the mean over the whole global batch, so it does not depend on the process count.
+  2. The reference log-probs of every record, and of every step's mismatched pairs (the batches are
+     fixed by the seed), are computed once, before training, in one no-grad pass, and the reference
+     model is freed. The policy's log-probs of the mismatched pairs take a no-grad forward: z_ref
+     carries no gradient anyway.
+  3. Dropout is off in the policy as in the reference (both run in eval mode, whatever the config calls
+     its dropout), so the log-ratios are exact.
+  4. eval/pref_accuracy ranks held-out pairs by β·r; a tie counts as half right, so a policy equal to
+     its reference (all rewards 0) starts at 0.5, the accuracy of a coin.
+Data: JSONL, {"prompt": ..., "completion": ..., "label": true/false} (strings or message lists); a
+paired record {"prompt", "chosen", "rejected"} is split into a desirable and an undesirable one.
+Run:  python algos/kto.py
+      torchrun --nproc_per_node 8 algos/kto.py --model runs/qwen-sft --data labelled.jsonl --max_len 1024
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import data, dist, toy  # noqa: E402
+from common.template import IGNORE, encode_response  # noqa: E402
+
+
+@dataclass
+class Args:
+    model: str = "runs/sft"  # path or hub name of the policy to start from; default: the SFT output
+    ref_model: str = ""  # the frozen reference πref; default: --model
+    data: str = ""  # JSONL of labelled completions (or pairs); default: the embedded labelled completions
+    eval_data: str = ""  # JSONL of held-out {"prompt","answer"} (generation accuracy); default: the embedded eval set
+    eval_pairs: str = ""  # JSONL of held-out pairs (preference accuracy); default: the embedded held-out pairs
+    output_dir: str = "runs/kto"  # model, args.json, metrics.jsonl, checkpoint/
+    max_len: int = 128  # records longer than this are dropped (and counted)
+    batch_size: int = 32  # records per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_steps: int = 100  # optimizer steps; 0: run --epochs over the data
+    epochs: int = 1  # passes over the data when max_steps is 0
+    warmup_ratio: float = 0.1  # fraction of steps of linear warmup before the cosine decay
+    seed: int = 0  # seed of the data order and of every RNG
+    log_every: int = 10  # steps between metrics lines
+    eval_every: int = 50  # steps between evaluations (0: only at the end)
+    save_every: int = 100  # steps between resumable checkpoints (0: none)
+    resume: bool = False  # continue from output_dir/checkpoint when it exists
+    trust_remote_code: bool = False  # allow model code from the hub to run
+    beta: float = 0.1  # β: strength of the KL regularisation toward πref (the implicit reward's scale)
+    desirable_weight: float = 1.0  # λD; the paper advises λD·nD / (λU·nU) in [1, 4/3]
+    undesirable_weight: float = 1.0  # λU
+
+
+def token_logps(logits_NV, labels_N, chunk=4096):
+    """log p(label) = logit[label] - logsumexp(logits), in chunks, so no full fp32 log-softmax exists."""
+    out = [logits_NV[i:i + chunk].gather(-1, labels_N[i:i + chunk, None]).squeeze(-1).float()
+           - torch.logsumexp(logits_NV[i:i + chunk].float(), dim=-1) for i in range(0, max(len(labels_N), 1), chunk)]
+    return torch.cat(out)
+
+
+def seq_logps(logits_BTV, labels_BT):
+    """-> (Σ_t log π(y_t | x, y_<t) over each row's response tokens, |y| the count of those tokens).
+    Logits at t predict the label at t+1."""
+    labels, mask_BT = labels_BT[:, 1:], labels_BT[:, 1:] != IGNORE
+    logps_BT = torch.zeros(mask_BT.shape, device=logits_BTV.device)
+    logps_BT = logps_BT.masked_scatter(mask_BT, token_logps(logits_BTV[:, :-1][mask_BT], labels[mask_BT]))
+    return logps_BT.sum(-1), mask_BT.sum(-1)
+
+
+def kto_loss(logps_N, ref_N, desirable_N, z_ref, beta, n_records, desirable_weight=1.0, undesirable_weight=1.0):
+    """Σ_i (λ_yi - v_i) / n_records (the global record count) -> (loss, implicit rewards β·r)."""
+    r = logps_N - ref_N  # log πθ(y|x) - log πref(y|x)
+    z = torch.as_tensor(z_ref, dtype=r.dtype, device=r.device).detach().clamp(min=0)  # max(0, KL estimate), no gradient
+    lam = torch.where(desirable_N, desirable_weight, undesirable_weight)  # λD or λU
+    v = lam * torch.sigmoid(beta * torch.where(desirable_N, r - z, z - r))  # the value of each completion
+    return (lam - v).sum() / max(n_records, 1), (beta * r).detach()
+
+
+def mismatched(prompts):
+    """For each record k of a batch, the record whose completion makes its KL pair: the next one (cyclically)
+    with another prompt, so no prompt meets its own completion, whatever the batch size (deviation 1)."""
+    n = len(prompts)
+    return [next(((k + d) % n for d in range(1, n) if prompts[(k + d) % n] != prompts[k]), (k + 1) % n) for k in range(n)]
+
+
+def load_records(path, tok, args):
+    """-> [((ids, labels), desirable, prompt, completion)], labels on the completion tokens only."""
+    recs, n_long = [], 0
+    for where, rec in data.read_jsonl(path):
+        for prompt, completion, desirable in data.unpaired(rec, where):
+            ids, labels = encode_response(tok, prompt, completion)
+            if len(ids) > args.max_len:
+                n_long += 1
+            else:
+                recs.append(((ids, labels), desirable, prompt, completion))
+    return recs, n_long
+
+
+def load_pairs(path, tok, args):
+    """-> [((chosen ids, labels), (rejected ids, labels))], labels on the response tokens only."""
+    pairs, n_long = [], 0
+    for where, rec in data.read_jsonl(path):
+        prompt, chosen, rejected = data.preference(rec, where)
+        sides = tuple(encode_response(tok, prompt, resp) for resp in (chosen, rejected))
+        if max(len(ids) for ids, _ in sides) > args.max_len:
+            n_long += 1
+        else:
+            pairs.append(sides)
+    return pairs, n_long
+
+
+def main(args):
+    rank, world, device = dist.setup(args.seed)
+    args.data = args.data or toy.data("kto.jsonl")
+    args.eval_data = args.eval_data or toy.data("eval.jsonl")
+    args.eval_pairs = args.eval_pairs or toy.data("prefs_eval.jsonl")
+    args.ref_model = args.ref_model or args.model
+    say = tqdm.write if rank == 0 else (lambda *_: None)
+    if args.model == "runs/sft" and not os.path.exists(args.model):
+        data.fail("runs/sft not found: run algos/sft.py first, or pass --model")
+
+    # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        data.fail(f"cannot load tokenizer {args.model!r}: {str(e).splitlines()[0]}")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    recs, n_long = load_records(args.data, tok, args)
+    eval_pairs, _ = load_pairs(args.eval_pairs, tok, args)
+    eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
+                 for w, r in data.read_jsonl(args.eval_data)]
+    if not recs or not eval_pairs:
+        data.fail(f"{args.data if not recs else args.eval_pairs}: no record fits max_len={args.max_len}")
+    n_good = sum(d for _, d, _, _ in recs)
+    say(f"{len(recs)} records ({n_good} desirable, {len(recs) - n_good} undesirable); "
+        f"{n_long} longer than max_len={args.max_len} were dropped")
+    G = args.batch_size * args.grad_accum * world  # records per optimizer step
+    if len(recs) < G or G < 2:
+        data.fail(f"{args.data}: {len(recs)} records; a global batch of {G} needs at least 2 (mismatched pairs) and at most that many")
+    steps_per_epoch = len(recs) // G
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    orders = [torch.randperm(len(recs), generator=torch.Generator().manual_seed(args.seed + e))
+              for e in range(-(-total_steps // steps_per_epoch))]
+    plan = [orders[s // steps_per_epoch][s % steps_per_epoch * G:(s % steps_per_epoch + 1) * G] for s in range(total_steps)]
+    keys = [json.dumps(p) for _, _, p, _ in recs]  # records with equal prompts never form a mismatched pair
+    kl_plan = []  # the mismatched (prompt, completion) pairs of every step's global batch, in batch order
+    for idx in plan:
+        idx = idx.tolist()
+        kl_plan.append([tuple(x[:args.max_len] for x in encode_response(tok, recs[idx[k]][2], recs[idx[j]][3]))
+                        for k, j in enumerate(mismatched([keys[i] for i in idx]))])
+
+    def load(name):
+        """A causal LM in eval mode: every dropout off, in the policy as in the reference (exact log-ratios)."""
+        try:
+            m = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+                                                     trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as e:
+            data.fail(f"cannot load model {name!r}: {str(e).splitlines()[0]}")
+        if len(tok) > m.get_input_embeddings().num_embeddings:
+            data.fail(f"tokenizer has {len(tok)} tokens but model {name!r} embeds only {m.get_input_embeddings().num_embeddings}")
+        return dist.shard(m, world, device).eval()
+
+    def logps_of(model, seqs):
+        """Sequences (ids, labels) in one right-padded forward -> (summed response log-probs, response lengths)."""
+        width = max(len(ids) for ids, _ in seqs)
+        ids = torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids, _ in seqs], device=device)
+        labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device=device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device=device)
+        with dist.autocast(device):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return seq_logps(logits, labels)
+
+    @torch.no_grad()
+    def all_logps(model, seqs):
+        """(n,): log π(y|x) of every sequence, split over processes in equal forward counts
+        (FSDP all-gathers in each), a rank without sequences left repeating sequence 0 and discarding it."""
+        out = torch.zeros(len(seqs))
+        for i in range(0, len(seqs), world * args.batch_size):
+            mine = list(range(i + rank * args.batch_size, min(i + (rank + 1) * args.batch_size, len(seqs))))
+            batch = [seqs[j] for j in mine] or seqs[:1]
+            logps, _ = logps_of(model, batch)
+            out[mine] = logps.float().cpu()[:len(mine)]
+        return dist.all_sum(out).float()
+
+    # Reference: log πref of every record and mismatched pair the run will see, and of the held-out pairs,
+    # in one pass; then freed.
+    ref = load(args.ref_model)
+    used = torch.cat(plan).unique()
+    ref_logps = torch.zeros(len(recs))
+    ref_logps[used] = all_logps(ref, [recs[j][0] for j in used.tolist()])
+    kl_ref = all_logps(ref, [seq for kl in kl_plan for seq in kl]).view(total_steps, G)
+    eval_seqs = [c for c, _ in eval_pairs] + [r for _, r in eval_pairs]
+    eval_ref = all_logps(ref, eval_seqs)
+    del ref
+
+    # Policy, sharded with FSDP2 when there are several processes.
+    model = load(args.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    start = dist.load_checkpoint(ckpt, model, opt, sched, rank) if args.resume else 0
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start)
+    if start:
+        say(f"resumed from {ckpt} at step {start}")
+
+    def evaluate():
+        lp = all_logps(model, eval_seqs)
+        rewards_c, rewards_r = (args.beta * (lp - eval_ref)).chunk(2)  # β·r of chosen, of rejected
+        pref_acc = ((rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()).mean().item()
+        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs), "eval/pref_accuracy": pref_acc}
+
+    if start == 0:
+        metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="kto")
+    t_log, tokens = time.time(), 0.0
+    for step in bar:
+        epoch, idx = step // steps_per_epoch, plan[step]
+        micro = [slice((i * world + rank) * args.batch_size, (i * world + rank + 1) * args.batch_size) for i in range(args.grad_accum)]
+        n_records = G  # N of the equation: every record of the global batch counts once
+        with torch.no_grad():  # z_ref: the mean log-ratio of the global batch's mismatched pairs, no gradient
+            kl_sum = sum((logps_of(model, kl_plan[step][m])[0].cpu() - kl_ref[step, m]).sum().item() for m in micro)
+        z_ref = max(dist.all_sum(kl_sum).item() / G, 0.0)
+        loss_sum, stats = 0.0, torch.zeros(8)
+        for i, m in enumerate(micro):
+            if world > 1:
+                model.set_requires_gradient_sync(i == len(micro) - 1)
+            batch = [recs[j] for j in idx[m].tolist()]
+            seqs = [seq for seq, _, _, _ in batch]
+            logps, lens = logps_of(model, seqs)
+            good = torch.tensor([d for _, d, _, _ in batch], device=device)
+            ref = ref_logps[idx[m]].to(device)
+            loss, rewards = kto_loss(logps, ref, good, z_ref, args.beta, n_records,
+                                     args.desirable_weight, args.undesirable_weight)
+            (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
+            loss_sum += loss.item()
+            bad = ~good
+            stats += torch.stack([logps.detach()[good].sum(), logps.detach()[bad].sum(), ref[good].sum(), ref[bad].sum(),
+                                  rewards[good].sum(), rewards[bad].sum(), good.sum(), bad.sum()]).float().cpu()
+            tokens += sum(len(ids) for ids, _ in seqs)
+        loss_step = dist.all_sum(loss_sum).item()
+        if not math.isfinite(loss_step):
+            data.fail(f"non-finite loss {loss_step} at step {step + 1}; stopping without saving a model")
+        gnorm = dist.grad_norm(model, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            tps = dist.all_sum(tokens).item() / (time.time() - t_log)
+            s = dist.all_sum(stats)
+            s = (s[:6] / s[6:].clamp(min=1).repeat(3)).tolist()  # desirable means, then undesirable means
+            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
+            metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{
+                            "logps/chosen": s[0], "logps/rejected": s[1], "logps/ref_chosen": s[2], "logps/ref_rejected": s[3],
+                            "rewards/chosen": s[4], "rewards/rejected": s[5], "rewards/margin": s[4] - s[5],
+                            "kl": z_ref}, **extra)
+            t_log, tokens = time.time(), 0.0
+        if args.save_every and done % args.save_every == 0 and done < total_steps:
+            dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
+    dist.save_model(model, tok, args.output_dir, rank)
+    say(f"saved {args.output_dir}")
+
+
+def parse_args(argv=None):
+    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,239 @@
+"""Simple Preference Optimization (SimPO): a reference-free margin between length-normalised log-probs.
+
+SimPO's implicit reward is the policy's own mean token log-prob of the response, scaled:
+r(x, y) = β/|y|·log πθ(y|x), the quantity that generation ranks by, so no reference model is needed,
+and a target margin γ > 0 asks the chosen response to win by more than a tie. Log-probs are over the
+response tokens only; chosen and rejected go through the policy in one forward:
+
+    L(θ) = -(1/M) Σ_i log σ(β/|yw|·log πθ(yw|x) - β/|yl|·log πθ(yl|x) - γ)
+
+Reference: Meng et al. 2024, arXiv:2405.14734.
+Deviations from the paper:
+  1. --gamma is the equation's γ itself; the paper's tables quote the ratio γ/β.
+  2. Dropout is off (the policy runs in eval mode, whatever the config calls its dropout).
+  3. eval/pref_accuracy counts a tie of the rewards as half right, as in the other preference scripts.
+Data: JSONL, {"prompt": ..., "chosen": ..., "rejected": ...} (strings or message lists).
+Run:  python algos/simpo.py
+      torchrun --nproc_per_node 8 algos/simpo.py --model runs/qwen-sft --data pairs.jsonl --max_len 1024
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import data, dist, toy  # noqa: E402
+from common.template import IGNORE, encode_response  # noqa: E402
+
+
+@dataclass
+class Args:
+    model: str = "runs/sft"  # path or hub name of the policy to start from; default: the SFT output
+    data: str = ""  # JSONL of preference pairs; default: the embedded pairs
+    eval_data: str = ""  # JSONL of held-out {"prompt","answer"} (generation accuracy); default: the embedded eval set
+    eval_pairs: str = ""  # JSONL of held-out pairs (preference accuracy); default: the embedded held-out pairs
+    output_dir: str = "runs/simpo"  # model, args.json, metrics.jsonl, checkpoint/
+    max_len: int = 128  # pairs with a side longer than this are dropped (and counted)
+    batch_size: int = 32  # pairs per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_steps: int = 100  # optimizer steps; 0: run --epochs over the data
+    epochs: int = 1  # passes over the data when max_steps is 0
+    warmup_ratio: float = 0.1  # fraction of steps of linear warmup before the cosine decay
+    seed: int = 0  # seed of the data order and of every RNG
+    log_every: int = 10  # steps between metrics lines
+    eval_every: int = 50  # steps between evaluations (0: only at the end)
+    save_every: int = 100  # steps between resumable checkpoints (0: none)
+    resume: bool = False  # continue from output_dir/checkpoint when it exists
+    trust_remote_code: bool = False  # allow model code from the hub to run
+    beta: float = 2.0  # β: scale of the reward β/|y|·log πθ(y|x)
+    gamma: float = 1.0  # γ: the target reward margin of chosen over rejected
+
+
+def token_logps(logits_NV, labels_N, chunk=4096):
+    """log p(label) = logit[label] - logsumexp(logits), in chunks, so no full fp32 log-softmax exists."""
+    out = [logits_NV[i:i + chunk].gather(-1, labels_N[i:i + chunk, None]).squeeze(-1).float()
+           - torch.logsumexp(logits_NV[i:i + chunk].float(), dim=-1) for i in range(0, max(len(labels_N), 1), chunk)]
+    return torch.cat(out)
+
+
+def seq_logps(logits_BTV, labels_BT):
+    """-> (Σ_t log π(y_t | x, y_<t) over each row's response tokens, |y| the count of those tokens).
+    Logits at t predict the label at t+1."""
+    labels, mask_BT = labels_BT[:, 1:], labels_BT[:, 1:] != IGNORE
+    logps_BT = torch.zeros(mask_BT.shape, device=logits_BTV.device)
+    logps_BT = logps_BT.masked_scatter(mask_BT, token_logps(logits_BTV[:, :-1][mask_BT], labels[mask_BT]))
+    return logps_BT.sum(-1), mask_BT.sum(-1)
+
+
+def simpo_loss(logps_c_M, logps_r_M, len_c_M, len_r_M, beta, gamma, n_pairs):
+    """Σ_i SimPO loss of pair i / n_pairs (the global pair count) -> (loss, rewards of chosen, of rejected)."""
+    rewards_c, rewards_r = beta * logps_c_M / len_c_M, beta * logps_r_M / len_r_M  # β/|y|·log πθ(y|x)
+    h = rewards_c - rewards_r - gamma
+    losses = -F.logsigmoid(h)  # logsigmoid stays finite for any margin
+    return losses.sum() / max(n_pairs, 1), rewards_c.detach(), rewards_r.detach()
+
+
+def load_pairs(path, tok, args):
+    """-> [((chosen ids, labels), (rejected ids, labels))], labels on the response tokens only."""
+    pairs, n_long = [], 0
+    for where, rec in data.read_jsonl(path):
+        prompt, chosen, rejected = data.preference(rec, where)
+        sides = tuple(encode_response(tok, prompt, resp) for resp in (chosen, rejected))
+        if max(len(ids) for ids, _ in sides) > args.max_len:
+            n_long += 1
+        else:
+            pairs.append(sides)
+    return pairs, n_long
+
+
+def main(args):
+    rank, world, device = dist.setup(args.seed)
+    args.data = args.data or toy.data("prefs.jsonl")
+    args.eval_data = args.eval_data or toy.data("eval.jsonl")
+    args.eval_pairs = args.eval_pairs or toy.data("prefs_eval.jsonl")
+    say = tqdm.write if rank == 0 else (lambda *_: None)
+    if args.model == "runs/sft" and not os.path.exists(args.model):
+        data.fail("runs/sft not found: run algos/sft.py first, or pass --model")
+
+    # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        data.fail(f"cannot load tokenizer {args.model!r}: {str(e).splitlines()[0]}")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    pairs, n_long = load_pairs(args.data, tok, args)
+    eval_pairs, _ = load_pairs(args.eval_pairs, tok, args)
+    eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
+                 for w, r in data.read_jsonl(args.eval_data)]
+    if not pairs or not eval_pairs:
+        data.fail(f"{args.data if not pairs else args.eval_pairs}: no pair fits max_len={args.max_len}")
+    say(f"{len(pairs)} pairs; {n_long} with a side longer than max_len={args.max_len} were dropped")
+    G = args.batch_size * args.grad_accum * world  # pairs per optimizer step
+    if len(pairs) < G:
+        data.fail(f"{args.data}: {len(pairs)} pairs, fewer than one global batch of {G}")
+    steps_per_epoch = len(pairs) // G
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    orders = [torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + e))
+              for e in range(-(-total_steps // steps_per_epoch))]
+    plan = [orders[s // steps_per_epoch][s % steps_per_epoch * G:(s % steps_per_epoch + 1) * G] for s in range(total_steps)]
+
+    def load(name):
+        """A causal LM in eval mode: every dropout off."""
+        try:
+            m = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+                                                     trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as e:
+            data.fail(f"cannot load model {name!r}: {str(e).splitlines()[0]}")
+        if len(tok) > m.get_input_embeddings().num_embeddings:
+            data.fail(f"tokenizer has {len(tok)} tokens but model {name!r} embeds only {m.get_input_embeddings().num_embeddings}")
+        return dist.shard(m, world, device).eval()
+
+    def logps_of(model, seqs):
+        """Sequences (ids, labels) in one right-padded forward -> (summed response log-probs, response lengths)."""
+        width = max(len(ids) for ids, _ in seqs)
+        ids = torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids, _ in seqs], device=device)
+        labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device=device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device=device)
+        with dist.autocast(device):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return seq_logps(logits, labels)
+
+    @torch.no_grad()
+    def all_logps(model, some_pairs):
+        """(n, 4): log π(yw|x), log π(yl|x), |yw|, |yl| of every pair, split over processes in equal forward counts
+        (FSDP all-gathers in each), a rank without pairs left repeating pair 0 and discarding it."""
+        out = torch.zeros(len(some_pairs), 4)
+        for i in range(0, len(some_pairs), world * args.batch_size):
+            mine = list(range(i + rank * args.batch_size, min(i + (rank + 1) * args.batch_size, len(some_pairs))))
+            batch = [some_pairs[j] for j in mine] or some_pairs[:1]
+            logps, lens = logps_of(model, [c for c, _ in batch] + [r for _, r in batch])
+            out[mine] = torch.stack([*logps.chunk(2), *lens.chunk(2)], -1).float().cpu()[:len(mine)]
+        return dist.all_sum(out).float()
+
+    # Policy, sharded with FSDP2 when there are several processes; no reference model.
+    model = load(args.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    start = dist.load_checkpoint(ckpt, model, opt, sched, rank) if args.resume else 0
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start)
+    if start:
+        say(f"resumed from {ckpt} at step {start}")
+
+    def evaluate():
+        lp = all_logps(model, eval_pairs)
+        _, rewards_c, rewards_r = simpo_loss(lp[:, 0], lp[:, 1], lp[:, 2], lp[:, 3], args.beta, args.gamma, 1)
+        pref_acc = ((rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()).mean().item()
+        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs), "eval/pref_accuracy": pref_acc}
+
+    if start == 0:
+        metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="simpo")
+    t_log, tokens = time.time(), 0.0
+    for step in bar:
+        epoch, idx = step // steps_per_epoch, plan[step]
+        micro = [idx[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size] for i in range(args.grad_accum)]
+        n_pairs = G  # M of the equation: every pair of the global batch counts once
+        loss_sum, stats = 0.0, torch.zeros(6)
+        for i, m in enumerate(micro):
+            if world > 1:
+                model.set_requires_gradient_sync(i == len(micro) - 1)
+            batch = [pairs[j] for j in m.tolist()]
+            seqs = [c for c, _ in batch] + [r for _, r in batch]  # chosen and rejected in one forward
+            logps, lens = logps_of(model, seqs)
+            logps_c, logps_r = logps.chunk(2)
+            len_c, len_r = lens.chunk(2)
+            loss, rewards_c, rewards_r = simpo_loss(logps_c, logps_r, len_c, len_r, args.beta, args.gamma, n_pairs)
+            (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
+            loss_sum += loss.item()
+            right = (rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()
+            stats += torch.stack([logps_c.detach().sum(), logps_r.detach().sum(), rewards_c.sum(),
+                                  rewards_r.sum(), right.sum(), torch.tensor(float(len(m)))]).cpu()
+            tokens += sum(len(ids) for ids, _ in seqs)
+        loss_step = dist.all_sum(loss_sum).item()
+        if not math.isfinite(loss_step):
+            data.fail(f"non-finite loss {loss_step} at step {step + 1}; stopping without saving a model")
+        gnorm = dist.grad_norm(model, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            tps = dist.all_sum(tokens).item() / (time.time() - t_log)
+            s = dist.all_sum(stats)
+            s = (s[:5] / s[5]).tolist()
+            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
+            metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{
+                            "logps/chosen": s[0], "logps/rejected": s[1],
+                            "rewards/chosen": s[2], "rewards/rejected": s[3], "rewards/margin": s[2] - s[3],
+                            "rewards/accuracy": s[4]}, **extra)
+            t_log, tokens = time.time(), 0.0
+        if args.save_every and done % args.save_every == 0 and done < total_steps:
+            dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
+    dist.save_model(model, tok, args.output_dir, rank)
+    say(f"saved {args.output_dir}")
+
+
+def parse_args(argv=None):
+    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+
+
+if __name__ == "__main__":
+    main(parse_args())

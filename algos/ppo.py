@@ -1,9 +1,8 @@
 """PPO against a learned reward model (RLHF): actor, critic, frozen reference and reward model.
 
-The actor (from SFT) samples completions; the reward model (from rm.py) scores each one at its
-end-of-turn token; a per-token KL penalty to the frozen reference keeps the actor near SFT. A
-token-level critic (initialised from the reward model) gives the baseline of generalised advantage
-estimation, and the actor and critic take clipped PPO steps on minibatches of the rollout:
+The actor (from SFT) samples completions; the reward model (from rm.py) scores each at its end-of-turn
+token; a per-token KL penalty keeps the actor near the frozen reference. A token-level critic (initialised
+from the RM) is the baseline of generalised advantage estimation; actor and critic take clipped PPO steps:
 
     L(θ,φ) = Ê_t[max(-Â_t ρ_t, -Â_t clip(ρ_t, 1-ε, 1+ε))] + c_v Ê_t[½ max((V_φ-R_t)², (V_old+clip(V_φ-V_old, ±ε_v)-R_t)²)] - c_H Ê_t[H_t]
     ρ_t = πθ(y_t|s_t)/π_old(y_t|s_t),  r_t = -β KL_t + [t=T] r_ψ(x,y),  δ_t = r_t + γ V_old(s_t+1) - V_old(s_t),
@@ -13,19 +12,16 @@ Reference: InstructGPT, arXiv:2203.02155 (§3.5); PPO, arXiv:1707.06347; GAE, ar
 adaptive KL controller: Ziegler et al. 2019, arXiv:1909.08593.
 Deviations from the paper:
   1. No pretraining-mix term (PPO-ptx): the KL to the reference is the only anchor.
-  2. Advantages are whitened over the completion tokens of the whole global batch (a common
-     stabiliser, not in the paper); KL_t is one of the k1/k2/k3 estimators of log π_old/π_ref, and
-     --kl_placement loss moves β·KL out of the reward into the loss (k3's gradient there is biased).
-  3. Log-probs are of the temperature-scaled logits, the distribution actually sampled; top-p
-     truncation is ignored in ratios and KL.
-  4. A completion cut at --max_new_tokens has no end-of-turn token. The reward model is trained to
-     read that token, so one is appended before scoring, --missing_eos_penalty is subtracted, and
-     --mask_truncated drops such completions from the loss.
-  5. The critic is a separate network: the reward model's backbone with its score head applied at
-     every position (bias-free, so V starts equal to the RM's reading of each prefix).
-  6. All four models stay in eval mode (dropout off: it would make ratios and KL noisy).
-Data: JSONL, {"prompt": ..., "answer": ...}; the answer is optional and only feeds the gold
-(verifier) score logged beside the RM score, so reward over-optimisation shows.
+  2. Advantages are whitened over the completion tokens of the global batch (common, not in the paper).
+     KL_t is the k1 (default), k2 or k3 estimator of log π_old/π_ref; --kl_placement loss moves β·KL_t
+     from the reward into the loss (there k3's gradient is biased: verl PR #2953).
+  3. Log-probs are of the temperature-scaled logits (the sampled distribution); top-p is ignored in them.
+  4. A completion cut at --max_new_tokens has no end-of-turn token, the position the RM was trained to
+     read: one is appended before scoring and --missing_eos_penalty is subtracted (--mask_truncated: no loss).
+  5. The critic is the RM's backbone with its bias-free score head applied at every position, so V
+     starts as the RM's reading of each prefix. All four models stay in eval mode: dropout off (TRL #744).
+Data: JSONL, {"prompt": ..., "answer": ...}; the answer is optional and only feeds the gold (verifier)
+score logged beside the RM score, so that reward over-optimisation shows.
 Run:  python algos/ppo.py
       torchrun --nproc_per_node 8 algos/ppo.py --model sft_out --reward_model rm_out --data prompts.jsonl
 """
@@ -97,11 +93,7 @@ def kl_estimate(logps_BT, ref_logps_BT, kind):
     """Per-token estimators of KL(π‖π_ref) from samples of π, with log r = log π_ref - log π (Schulman 2020):
     k1 = -log r (unbiased), k2 = ½ (log r)² (biased, low variance), k3 = (r - 1) - log r (unbiased, ≥ 0)."""
     log_r = ref_logps_BT - logps_BT
-    if kind == "k1":
-        return -log_r
-    if kind == "k2":
-        return 0.5 * log_r ** 2
-    return torch.expm1(log_r) - log_r
+    return {"k1": -log_r, "k2": 0.5 * log_r ** 2, "k3": torch.expm1(log_r) - log_r}[kind]
 
 
 def token_rewards(scores_B, kl_BT, mask_BT, beta):
@@ -157,10 +149,9 @@ def logps_entropy(logits_BTV, tokens_BT, entropy_grad=False, chunk=16):
     lps, ents = [], []
     for z, y in zip(logits_BTV.split(chunk), tokens_BT.split(chunk)):
         z = z.float()
-        lse = z.logsumexp(-1)
-        lps.append(z.gather(-1, y[..., None]).squeeze(-1) - lse)
-        zh = z if entropy_grad else z.detach()
-        ents.append(zh.logsumexp(-1) - (zh.softmax(-1) * zh).sum(-1))
+        lps.append(z.gather(-1, y[..., None]).squeeze(-1) - z.logsumexp(-1))
+        z = z if entropy_grad else z.detach()
+        ents.append(z.logsumexp(-1) - (z.softmax(-1) * z).sum(-1))
     return torch.cat(lps), torch.cat(ents)
 
 
@@ -183,27 +174,22 @@ def load_prompts(path, tok, args, need_str=False):
         raw = data.field(rec, where, "prompt", str if need_str else (str, list))
         answer = data.field(rec, where, "answer", str) if "answer" in rec or need_str else None
         ids = encode_prompt(tok, data.messages(raw, where, "prompt", "user"))
-        if len(ids) + args.max_new_tokens > args.max_len:
-            n_long += 1
-        else:
-            out.append((ids, answer, raw))
+        fits = len(ids) + args.max_new_tokens <= args.max_len
+        out, n_long = out + [(ids, answer, raw)] * fits, n_long + (not fits)
     return out, n_long
 
 
 def main(args):
     rank, world, device = dist.setup(args.seed)
-    args.data = args.data or toy.data("rl.jsonl")
-    args.eval_data = args.eval_data or toy.data("eval.jsonl")
+    args.data, args.eval_data = args.data or toy.data("rl.jsonl"), args.eval_data or toy.data("eval.jsonl")
     args.ref_model = args.ref_model or args.model
     say = tqdm.write if rank == 0 else (lambda *_: None)
-    for path, what in ((args.model, "sft"), (args.reward_model, "rm")):
-        if path == f"runs/{what}" and not os.path.exists(path):
-            data.fail(f"{path} not found: run algos/{what}.py first, or pass --{'model' if what == 'sft' else 'reward_model'}")
-    if args.kl_estimator not in ("k1", "k2", "k3") or args.kl_placement not in ("reward", "loss"):
-        data.fail(f"--kl_estimator must be k1|k2|k3 and --kl_placement reward|loss, got {args.kl_estimator}, {args.kl_placement}")
+    for path, flag, script in ((args.model, "model", "sft"), (args.reward_model, "reward_model", "rm")):
+        if path == f"runs/{script}" and not os.path.exists(path):
+            data.fail(f"{path} not found: run algos/{script}.py first, or pass --{flag}")
     rows = args.batch_size * args.group_size  # completions per process per rollout
-    if rows % (args.num_minibatches * args.grad_accum):
-        data.fail(f"batch_size*group_size={rows} is not divisible by num_minibatches*grad_accum={args.num_minibatches * args.grad_accum}")
+    if args.kl_estimator not in ("k1", "k2", "k3") or args.kl_placement not in ("reward", "loss") or rows % (args.num_minibatches * args.grad_accum):
+        data.fail("--kl_estimator must be k1|k2|k3, --kl_placement reward|loss, batch_size*group_size a multiple of num_minibatches*grad_accum")
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
     try:
@@ -214,20 +200,18 @@ def main(args):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if rm_vocab != tok.get_vocab():
-        data.fail(f"reward model {args.reward_model!r} has another tokenizer than {args.model!r}; PPO hands it the sampled token ids")
-    # The RM was trained on encode_response cut after the response's end-of-turn token; a sampled completion
-    # ending in EOS reproduces that sequence only if the template closes an assistant turn with the EOS token.
+        data.fail(f"reward model {args.reward_model!r} has another tokenizer than {args.model!r}; it must read the sampled ids")
+    # The RM was trained on encode_response cut after the response's end-of-turn token: prompt + sampled ids up
+    # to EOS are that sequence only if the chat template closes an assistant turn with the EOS token.
     ids, labels = encode_response(tok, [{"role": "user", "content": "1"}], [{"role": "assistant", "content": "2"}])
     if ids[max(i for i, l in enumerate(labels) if l != IGNORE)] != tok.eos_token_id:
         data.fail(f"chat template of {args.model!r} does not end an assistant turn with the EOS token {tok.eos_token!r}")
     prompts, n_long = load_prompts(args.data, tok, args)
     eval_prompts, _ = load_prompts(args.eval_data, tok, args, need_str=True)
-    if not prompts:
-        data.fail(f"{args.data}: no prompt fits max_len={args.max_len} with max_new_tokens={args.max_new_tokens}")
     say(f"{len(prompts)} prompts; {n_long} longer than max_len - max_new_tokens were dropped")
     G = args.batch_size * world  # prompts per rollout
     if len(prompts) < G:
-        data.fail(f"{args.data}: {len(prompts)} prompts, fewer than one global batch of {G}")
+        data.fail(f"{args.data}: {len(prompts)} prompts fit max_len={args.max_len}, fewer than one global batch of {G}")
     steps_per_epoch = len(prompts) // G
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
@@ -238,13 +222,13 @@ def main(args):
     rm = load(AutoModelForSequenceClassification, args.reward_model, args, device).requires_grad_(False)
     critic = load(AutoModelForTokenClassification, args.reward_model, args, device, num_labels=1,
                   classifier_dropout=0.0, token_classification_bias=False)
-    for name, m in (("model", actor), ("ref_model", ref), ("reward_model", rm), ("reward_model", critic)):
+    for name, m in (("model", actor), ("ref_model", ref), ("reward_model", rm)):
         if len(tok) > m.get_input_embeddings().num_embeddings:
             data.fail(f"tokenizer has {len(tok)} tokens but --{name} embeds only {m.get_input_embeddings().num_embeddings}")
     if rm.config.pad_token_id in (None, tok.eos_token_id):
         data.fail(f"reward model {args.reward_model!r} needs a pad token other than EOS to find the last token")
     actor, ref, rm, critic = (dist.shard(m, world, device) for m in (actor, ref, rm, critic))
-    both = torch.nn.ModuleDict({"actor": actor, "critic": critic})  # one checkpoint, written atomically
+    both = torch.nn.ModuleDict({"actor": actor, "critic": critic})  # one checkpoint for both, written atomically
     both.register_buffer("beta", torch.tensor(args.beta, dtype=torch.float64))  # the KL controller's state
     opt = torch.optim.AdamW([{"params": actor.parameters(), "lr": args.lr},
                              {"params": critic.parameters(), "lr": args.critic_lr}], weight_decay=args.weight_decay)
@@ -262,17 +246,17 @@ def main(args):
     pad, eos = tok.pad_token_id, tok.eos_token_id
     gen = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)  # nothing from the model's own config
     sampling = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, **gen)
-    greedy_cfg = GenerationConfig(do_sample=False, **gen)
+    greedy = GenerationConfig(do_sample=False, **gen)
 
     @torch.no_grad()
-    def rollout(prompt_ids, greedy=False):
+    def rollout(prompt_ids, cfg):
         """Left-padded prompts -> completions sampled with the KV cache: (ids_BL, attn_BL, P, mask_BT, has_eos_B);
         the completion mask holds every token up to and including the first EOS, never the padding after it."""
         P = max(map(len, prompt_ids))
         x = torch.tensor([[pad] * (P - len(p)) + p for p in prompt_ids], device=device)
         attn = (torch.arange(P, device=device) >= P - torch.tensor([len(p) for p in prompt_ids], device=device)[:, None]).long()
         with dist.autocast(device):
-            out = actor.generate(input_ids=x, attention_mask=attn, generation_config=greedy_cfg if greedy else sampling, synced_gpus=world > 1)
+            out = actor.generate(input_ids=x, attention_mask=attn, generation_config=cfg, synced_gpus=world > 1)
         is_eos = out[:, P:] == eos
         mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
         return out, torch.cat([attn, mask.long()], 1), P, mask, is_eos.any(1)
@@ -291,21 +275,17 @@ def main(args):
         """r_ψ(x, y) read at the end-of-turn token; a truncated completion gets one appended first (deviation 4)."""
         ids, attn = torch.cat([ids, torch.full_like(ids[:, :1], pad)], 1), torch.cat([attn, torch.zeros_like(attn[:, :1])], 1)
         cut = (~has_eos).nonzero().squeeze(1)
-        end = P + mask.sum(1)[cut]
-        ids[cut, end], attn[cut, end] = eos, 1
-        pos = (attn.cumsum(1) - 1).clamp(min=0)
-        with dist.autocast(device):
-            return rm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, 0].float()
+        ids[cut, P + mask.sum(1)[cut]], attn[cut, P + mask.sum(1)[cut]] = eos, 1
+        with dist.autocast(device):  # the head pools the last non-pad position itself
+            return rm(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0), use_cache=False).logits[:, 0].float()
 
     def evaluate():
         """Gold: held-out greedy accuracy (toy.evaluate); RM: mean score of the same prompts' greedy completions."""
         acc = toy.evaluate(actor, tok, [{"prompt": raw, "answer": a} for _, a, raw in eval_prompts])
         per = -(-len(eval_prompts) // world)
-        mine = eval_prompts[rank * per:(rank + 1) * per]
-        tot = torch.zeros(2)
+        mine, tot = eval_prompts[rank * per:(rank + 1) * per], torch.zeros(2)
         for i in range(0, per, 256):  # the same number of generate calls on every process
-            chunk = mine[i:i + 256] or eval_prompts[:1]
-            ids, attn, P, mask, has_eos = rollout([p for p, _, _ in chunk], greedy=True)
+            ids, attn, P, mask, has_eos = rollout([p for p, _, _ in mine[i:i + 256] or eval_prompts[:1]], greedy)
             s = rm_scores(ids, attn, mask, has_eos, P)[:len(mine[i:i + 256])]
             tot += torch.tensor([s.sum().item(), len(s)])
         tot = dist.all_sum(tot)
@@ -318,11 +298,11 @@ def main(args):
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch))
-        batch = [prompts[j] for j in order[k * G + rank * args.batch_size:k * G + (rank + 1) * args.batch_size].tolist()
-                 for _ in range(args.group_size)]
+        mine = order[k * G + rank * args.batch_size:k * G + (rank + 1) * args.batch_size].tolist()
+        batch = [prompts[j] for j in mine for _ in range(args.group_size)]
 
-        # Rollout: sample, then score with the frozen models and the critic as it is now (old values).
-        ids, attn, P, mask, has_eos = rollout([p for p, _, _ in batch])
+        # Rollout: sample, then score with the frozen models and with the critic as it is now (old values).
+        ids, attn, P, mask, has_eos = rollout([p for p, _, _ in batch], sampling)
         T = ids.shape[1] - P
         with torch.no_grad():
             old_logps, _ = logps(actor, ids, attn, T)
@@ -331,7 +311,8 @@ def main(args):
             scores = rm_scores(ids, attn, mask, has_eos, P)
             texts = tok.batch_decode(ids[:, P:], skip_special_tokens=True)
             gold = [toy.verify(t, a) for t, (_, a, _) in zip(texts, batch) if a is not None]
-            lengths = mask.sum(1)
+            stats = [scores.sum(), (scores ** 2).sum(), len(scores), sum(gold), len(gold), mask.sum(), (~has_eos).sum(),
+                     (kl_estimate(old_logps, ref_logps, "k3") * mask).sum()]
             if args.mask_truncated:
                 mask &= has_eos[:, None]
             beta = both.beta.item()
@@ -341,66 +322,62 @@ def main(args):
             adv, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
             adv = whiten(adv, mask, lambda v: dist.all_sum(v).to(v))
 
-        # PPO epochs over shuffled minibatches of this rollout, each normalised by its global completion-token count.
-        sums, n_updates, stop = torch.zeros(8), 0, False
-        for _ in range(args.ppo_epochs):
-            for mb in torch.randperm(rows).view(args.num_minibatches, -1):
-                n_tok = dist.all_sum(mask[mb].sum()).item()
-                mb_sums = torch.zeros(8)
-                for i, mi in enumerate(mb.view(args.grad_accum, -1)):
-                    if world > 1:
-                        actor.set_requires_gradient_sync(i == args.grad_accum - 1)
-                        critic.set_requires_gradient_sync(i == args.grad_accum - 1)
-                    m = mask[mi]
-                    new_logps, ent = logps(actor, ids[mi], attn[mi], T, entropy_grad=args.ent_coef > 0)
-                    values = forward(critic, ids[mi], attn[mi], T)[..., 0].float()
-                    pg, pg_clipped = policy_loss(new_logps, old_logps[mi], adv[mi], m, args.clip_eps, n_tok)
-                    vf, vf_clipped = value_loss(values, old_values[mi], returns[mi], m, args.vf_clip, n_tok)
-                    entropy = (ent * m).sum() / max(n_tok, 1)
-                    loss = pg + args.vf_coef * vf - args.ent_coef * entropy
-                    if args.kl_placement == "loss":  # β Ê_t[KL_t(πθ‖π_ref)], differentiated through πθ's log-probs
-                        loss = loss + beta * (kl_estimate(new_logps, ref_logps[mi], args.kl_estimator) * m).sum() / max(n_tok, 1)
-                    (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
-                    log_ratio = (new_logps - old_logps[mi]).detach()
-                    approx_kl = ((torch.expm1(log_ratio) - log_ratio) * m).sum() / max(n_tok, 1)  # k3 of KL(π_old‖πθ)
-                    mb_sums += torch.tensor([loss.item(), pg.item(), vf.item(), entropy.item(), approx_kl.item(),
-                                             pg_clipped.sum().item() / max(n_tok, 1), vf_clipped.sum().item() / max(n_tok, 1), 0.0])
-                mb_sums = dist.all_sum(mb_sums).float()
-                if not math.isfinite(mb_sums[0]):
-                    data.fail(f"non-finite loss {mb_sums[0].item()} at step {step + 1}; stopping without saving a model")
-                if args.target_kl and mb_sums[4] > args.target_kl:  # πθ moved too far from π_old: keep the rest of the rollout out
-                    opt.zero_grad(set_to_none=True)
-                    stop = True
-                    break
-                mb_sums[7] = dist.grad_norm(actor, args.max_grad_norm)
-                dist.grad_norm(critic, args.max_grad_norm)
-                opt.step()
+        # PPO epochs over shuffled minibatches of the rollout; each loss is over its minibatch's global token count.
+        sums, n_updates = torch.zeros(8), 0
+        for u in range(args.ppo_epochs * args.num_minibatches):
+            if u % args.num_minibatches == 0:
+                minibatches = iter(torch.randperm(rows).view(args.num_minibatches, -1))
+            mb = next(minibatches)
+            n_tok = dist.all_sum(mask[mb].sum()).item()
+            mb_sums = torch.zeros(8)
+            for i, mi in enumerate(mb.view(args.grad_accum, -1)):
+                if world > 1:
+                    actor.set_requires_gradient_sync(i == args.grad_accum - 1)
+                    critic.set_requires_gradient_sync(i == args.grad_accum - 1)
+                m = mask[mi]
+                new_logps, ent = logps(actor, ids[mi], attn[mi], T, entropy_grad=args.ent_coef > 0)
+                values = forward(critic, ids[mi], attn[mi], T)[..., 0].float()
+                pg, pg_clipped = policy_loss(new_logps, old_logps[mi], adv[mi], m, args.clip_eps, n_tok)
+                vf, vf_clipped = value_loss(values, old_values[mi], returns[mi], m, args.vf_clip, n_tok)
+                entropy = (ent * m).sum() / max(n_tok, 1)
+                loss = pg + args.vf_coef * vf - args.ent_coef * entropy
+                if args.kl_placement == "loss":  # + β Ê_t[KL_t(πθ‖π_ref)], differentiated through πθ's log-probs
+                    loss = loss + beta * (kl_estimate(new_logps, ref_logps[mi], args.kl_estimator) * m).sum() / max(n_tok, 1)
+                (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
+                log_ratio = (new_logps - old_logps[mi]).detach()
+                approx_kl = ((torch.expm1(log_ratio) - log_ratio) * m).sum()  # k3 estimate of KL(π_old‖πθ)
+                mb_sums += torch.tensor([loss.item(), pg.item(), vf.item(), entropy.item(),
+                                         *(x.item() / max(n_tok, 1) for x in (approx_kl, pg_clipped.sum(), vf_clipped.sum())), 0])
+            mb_sums = dist.all_sum(mb_sums).float()
+            if not math.isfinite(mb_sums[0]):
+                data.fail(f"non-finite loss {mb_sums[0].item()} at step {step + 1}; stopping without saving a model")
+            if args.target_kl and mb_sums[4] > args.target_kl:  # πθ has left π_old's trust region: drop this update, stop
                 opt.zero_grad(set_to_none=True)
-                sums, n_updates = sums + mb_sums, n_updates + 1
-            if stop:
                 break
+            mb_sums[7] = dist.grad_norm(actor, args.max_grad_norm)
+            dist.grad_norm(critic, args.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sums, n_updates = sums + mb_sums, n_updates + 1
         sched.step()
 
-        # Rollout statistics of the global batch; the KL controller reads the mean sequence KL.
-        stats = dist.all_sum(torch.tensor([scores.sum().item(), (scores ** 2).sum().item(), len(scores), sum(gold), len(gold),
-                                           kl_BT.sum().item(), lengths.sum().item(), (~has_eos).sum().item()]))
-        kl = (stats[5] / stats[2]).item()
+        # Statistics of the global rollout; the KL controller reads the mean sequence KL that the reward penalised.
+        stats = dist.all_sum(torch.tensor([float(x) for x in stats] + [kl_BT.sum().item()]))
+        kl_seq = (stats[8] / stats[2]).item()
         if args.adaptive_kl:
-            both.beta.fill_(adaptive_kl(beta, kl, args.kl_target, stats[2].item(), args.kl_horizon))
+            both.beta.fill_(adaptive_kl(beta, kl_seq, args.kl_target, stats[2].item(), args.kl_horizon))
         tokens += dist.all_sum(attn.sum().item()).item()
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
-            tps = tokens / (time.time() - t_log)
-            mean = (stats[0] / stats[2]).item()
-            avg = (sums / max(n_updates, 1)).tolist()
+            tps, mean, avg = tokens / (time.time() - t_log), (stats[0] / stats[2]).item(), (sums / max(n_updates, 1)).tolist()
             extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
-            gold_m = {"reward/gold": (stats[3] / stats[4]).item()} if stats[4] else {}
+            extra.update({"reward/gold": (stats[3] / stats[4]).item()} if stats[4] else {})
             metrics.log(done, loss=avg[0], policy_loss=avg[1], value_loss=avg[2], entropy=avg[3], approx_kl=avg[4],
-                        clip_frac=avg[5], vf_clip_frac=avg[6], grad_norm=avg[7], lr=sched.get_last_lr()[0], kl=kl, beta=beta,
-                        response_length=(stats[6] / stats[2]).item(), truncated_frac=(stats[7] / stats[2]).item(),
-                        ppo_updates=n_updates, tokens_per_s=tps, peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch,
-                        **{"reward/mean": mean, "reward/std": math.sqrt(max((stats[1] / stats[2]).item() - mean ** 2, 0.0))},
-                        **gold_m, **extra)
+                        clip_frac=avg[5], vf_clip_frac=avg[6], grad_norm=avg[7], lr=sched.get_last_lr()[0], beta=beta,
+                        kl=(stats[7] / stats[5]).item(), kl_seq=kl_seq, response_length=(stats[5] / stats[2]).item(),
+                        truncated_frac=(stats[6] / stats[2]).item(), ppo_updates=n_updates, tokens_per_s=tps,
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean,
+                        "reward/std": math.sqrt(max((stats[1] / stats[2]).item() - mean ** 2, 0.0))}, **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, both, opt, sched, done, rank)

@@ -152,8 +152,9 @@ def main(args):
         except (OSError, ValueError) as e:
             data.fail(f"cannot load tokenizer {path!r}: {str(e).splitlines()[0]}")
     tok, t_tok = toks
-    if tok.get_vocab() != t_tok.get_vocab() or tok.eos_token_id != t_tok.eos_token_id:
-        data.fail(f"tokenizers of --model {args.model!r} and --teacher {args.teacher!r} differ (vocabulary or eos); distillation compares them token by token")
+    if (tok.get_vocab(), tok.eos_token_id, tok.chat_template) != (t_tok.get_vocab(), t_tok.eos_token_id, t_tok.chat_template):
+        data.fail(f"tokenizers of --model {args.model!r} and --teacher {args.teacher!r} differ (vocabulary, eos or chat template); "
+                  "distillation compares their predictions token by token")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     docs, n_long = load_records(args.data, tok, args)

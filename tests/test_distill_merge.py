@@ -7,10 +7,13 @@ import pytest
 import torch
 from util import metrics, run
 
+from common import toy
+
 from algos.distill import forward_kl_loss, kl_per_token, nll_loss, reverse_kl_loss
 from algos.merge import Args as MergeArgs
 from algos.merge import dare, linear, merge_state_dicts, slerp, task_arithmetic, ties, trim
 
+DISTILL_STEPS = 60
 P, Q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.25, 0.75]])
 
 
@@ -133,8 +136,10 @@ def nudged(base, tmp_path_factory):
 
 def test_merge_writes_a_model_and_the_wise_ft_sweep(base, nudged, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = tmp_path / "m"
-    run("merge", "--sweep", "--base", base, "--models", nudged, "--alphas", 0, 0.5, 1, "--alpha", 0.25, "--output_dir", out)
+    out, few = tmp_path / "m", tmp_path / "eval.jsonl"
+    few.write_text("".join(open(toy.data("eval.jsonl")).readlines()[:32]))  # a short eval keeps the sweep fast
+    run("merge", "--sweep", "--base", base, "--models", nudged, "--alphas", 0, 0.5, 1, "--alpha", 0.25,
+        "--eval_data", few, "--output_dir", out)
     sd_a, sd_b = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (base, nudged))
     sd = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert all(torch.allclose(sd[k], 0.75 * sd_a[k] + 0.25 * sd_b[k], atol=1e-6) for k in sd)
@@ -160,3 +165,31 @@ def test_merge_refuses_mismatched_models(base, tmp_path):
         p = run("merge", "--base", base, "--models", bad, "--output_dir", tmp_path / "out", check=False)
         assert p.returncode != 0 and what in p.stderr.strip().splitlines()[-1] and p.stderr.strip().splitlines()[-1].startswith("error:")
         assert not (tmp_path / "out").exists()
+
+
+# ---- distill.py: refusals and learning (teacher: the session's SFT model; student: the base)
+
+def test_distill_refuses_a_missing_teacher_or_another_tokenizer(base, tok, tmp_path):
+    p = run("distill", "--teacher", tmp_path / "nowhere", "--model", base, "--output_dir", tmp_path / "out", check=False)
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith("error: cannot load tokenizer")
+    other = tmp_path / "other_tok"
+    shutil.copytree(base, other)
+    t = type(tok).from_pretrained(base)
+    t.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    t.save_pretrained(other)
+    p = run("distill", "--teacher", other, "--model", base, "--output_dir", tmp_path / "out", check=False)
+    assert p.returncode != 0 and "tokenizers" in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["seqkd", "forward_kl", "reverse_kl", "on_policy"])
+def test_distill_mode_raises_the_students_accuracy(mode, base, sft_run, tmp_path):
+    out = tmp_path / mode
+    run("distill", "--mode", mode, "--teacher", sft_run, "--model", base, "--max_steps", DISTILL_STEPS,
+        "--eval_every", 0, "--save_every", 0, "--output_dir", out)
+    rows = metrics(out)
+    acc = [m["eval/accuracy"] for m in rows if "eval/accuracy" in m]
+    kl = [m["kl"] for m in rows if "kl" in m]
+    print(f"distill {mode}: student {acc[0]:.3f} -> {acc[-1]:.3f} (teacher {rows[0]['teacher/eval_accuracy']:.3f}); "
+          f"kl {kl[0]:.3f} -> {kl[-1]:.3f}")
+    assert acc[-1] >= acc[0] + 0.05 and kl[-1] < kl[0]

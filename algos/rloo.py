@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser, get_constant_schedule_with_warmup
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, HfArgumentParser, get_constant_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -57,6 +57,7 @@ class Args:
     beta: float = 0.04  # KL coefficient β (0: no reference model is loaded)
     kl_estimator: str = "k1"  # k1 | k2 | k3: per-token estimator of KL(πθ ‖ π_ref), summed into the penalty
     loss_agg: str = "token"  # token: Σ ℓ / global token count | sequence: mean over sequences of the per-sequence token mean
+    share_prompt: bool = True  # log-prob forwards compute each prompt once for its group (see group_rows)
     lr: float = 2e-4  # learning rate (AdamW), constant after warmup
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
@@ -115,30 +116,60 @@ def token_logps(logits_NV, ids_N, temperature=1.0, chunk=4096):
     return torch.cat(logps), torch.cat(ents)
 
 
-def completion_logps(model, ids_BL, attn_BL, C, temperature, device):
-    """Log-probs and entropies of the last C tokens: left-padded rows, position ids counted from each row's first real token."""
-    pos_BL = (attn_BL.cumsum(-1) - 1).clamp(min=0)
+def group_rows(prompts, comp_NC, G, pad_id, share_prompt=True):
+    """Rows for the log-prob forward -> (ids_BL, pos_BL, mask, keep_K), keep_K the positions whose logits predict the
+    completion tokens. share_prompt: one row per prompt, its left-padded prompt once and then its G completions side by
+    side; under the 4D mask completion j sees the prompt and its own earlier tokens only, and its position ids continue
+    from the prompt, so it gets the logits of a row of its own while the prompt is computed once, not G times (the dense
+    L x L mask costs more than it saves when completions are much longer than prompts). Otherwise: one left-padded
+    row per completion, with a 2D padding mask."""
+    C, dev, W = comp_NC.shape[1], comp_NC.device, max(map(len, prompts))
+    lens_B = torch.tensor([len(p) for p in prompts], device=dev)
+    pad_BW = torch.arange(W, device=dev) < W - lens_B[:, None]
+    prompt_BW = torch.tensor([[pad_id] * (W - len(p)) + p for p in prompts], device=dev)
+    if not share_prompt:
+        attn_NL = torch.cat([(~pad_BW).long().repeat_interleave(G, 0), torch.ones_like(comp_NC)], 1)
+        return (torch.cat([prompt_BW.repeat_interleave(G, 0), comp_NC], 1), (attn_NL.cumsum(-1) - 1).clamp(min=0), attn_NL,
+                torch.arange(W - 1, W + C - 1, device=dev))
+    ids_BL = torch.cat([prompt_BW, comp_NC.reshape(len(prompts), G * C)], 1)
+    seg_BL = torch.cat([torch.where(pad_BW, -1, 0),  # -1: padding, 0: prompt, j: completion j
+                        torch.arange(1, G + 1, device=dev).repeat_interleave(C).expand(len(prompts), -1)], 1)
+    pos_BL = torch.cat([(torch.arange(W, device=dev) - (W - lens_B[:, None])).clamp(min=0), lens_B[:, None] + torch.arange(C, device=dev).repeat(G)], 1)
+    causal_LL = torch.ones(W + G * C, W + G * C, dtype=torch.bool, device=dev).tril()
+    mask_BLL = causal_LL & ((seg_BL[:, None, :] == 0) | (seg_BL[:, None, :] == seg_BL[:, :, None]))  # key in the prompt, or in the query's segment
+    keep_K = W + torch.arange(G * C, device=dev) - 1
+    keep_K[::C] = W - 1  # token 0 of every completion is predicted by the last prompt token
+    return ids_BL, pos_BL, mask_BLL[:, None], keep_K
+
+
+def completion_logps(model, rows, C, temperature, device):
+    """Log-probs and entropies (N, C) of the completion tokens laid out by group_rows, in one forward without cache."""
+    ids_BL, pos_BL, mask, keep_K = rows
     with dist.autocast(device):
-        logits = model(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL, use_cache=False, logits_to_keep=C + 1).logits
-    logps, ents = token_logps(logits[:, :-1].reshape(-1, logits.shape[-1]), ids_BL[:, -C:].reshape(-1), temperature)
+        logits = model(input_ids=ids_BL, attention_mask=mask, position_ids=pos_BL, use_cache=False, logits_to_keep=keep_K).logits
+    logps, ents = token_logps(logits.reshape(-1, logits.shape[-1]), ids_BL[:, -len(keep_K):].reshape(-1), temperature)
     return logps.view(-1, C), ents.view(-1, C)
 
 
 @torch.no_grad()
-def generate(model, prompts, tok, gen_cfg, device, synced=False):
-    """Batched sampling with the KV cache: prompts left-padded -> (ids_BL, attn_BL, completion length C, mask_BC, ended_B).
-    The completion mask covers the tokens up to and including the first EOS; padding after it is excluded."""
+def generate(model, prompts, G, tok, gen_cfg, device, synced=False):
+    """Batched sampling with the KV cache: prompts left-padded, each prefilled once and its cache copied to its G rows.
+    -> completions comp_NC (N = B·G, a prompt's samples consecutive), mask_NC (the tokens up to and including the first
+    EOS; padding after it excluded), ended_N (an EOS was produced)."""
     width = max(map(len, prompts))
     x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = model.generate(input_ids=x, attention_mask=attn, generation_config=gen_cfg, synced_gpus=synced)
-    comp_BC = out[:, width:]
-    C = comp_BC.shape[1]
-    is_eos = comp_BC == tok.eos_token_id
-    ended_B = is_eos.any(-1)
-    first_B = torch.where(ended_B, is_eos.int().argmax(-1), C)
-    mask_BC = torch.arange(C, device=device)[None] <= first_B[:, None]
-    return out, torch.cat([attn, torch.ones_like(comp_BC)], 1), C, mask_BC, ended_B
+    cache = DynamicCache(config=model.config)
+    model(input_ids=x[:, :-1], attention_mask=attn[:, :-1], position_ids=(attn[:, :-1].cumsum(-1) - 1).clamp(min=0), cache=cache, use_cache=True)
+    cache.batch_repeat_interleave(G)
+    out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0), cache=cache,
+                         generation_config=gen_cfg, synced_gpus=synced)
+    comp_NC = out[:, width:]
+    C = comp_NC.shape[1]
+    is_eos = comp_NC == tok.eos_token_id
+    ended_N = is_eos.any(-1)
+    first_N = torch.where(ended_N, is_eos.int().argmax(-1), C)
+    return comp_NC, torch.arange(C, device=device)[None] <= first_N[:, None], ended_N
 
 
 def load_prompts(path, tok, args):
@@ -194,7 +225,7 @@ def main(args):
     # so old, current and reference log-probs compare the same deterministic function (TRL #744).
     def load(path):
         try:
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa" if args.share_prompt else dist.attn_impl(device),
                                                      trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as e:
             data.fail(f"cannot load model {path!r}: {str(e).splitlines()[0]}")
@@ -222,15 +253,17 @@ def main(args):
     def rollout(recs, seed):
         """G samples per prompt, their rewards, and the old (sampling) and reference log-probs, all without gradients."""
         torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
-        ids, attn, C, mask, ended = generate(model, [r["ids"] for r in recs for _ in range(args.group_size)], tok, gen_cfg, device, world > 1)
-        texts = tok.batch_decode(ids[:, -C:], skip_special_tokens=True)
+        comp, mask, ended = generate(model, [r["ids"] for r in recs], args.group_size, tok, gen_cfg, device, world > 1)
+        texts = tok.batch_decode(comp, skip_special_tokens=True)
         rewards = torch.tensor([toy.verify(t, r["answer"]) for t, r in zip(texts, [r for r in recs for _ in range(args.group_size)])])
+        rows, C = group_rows([r["ids"] for r in recs], comp, args.group_size, tok.pad_token_id, args.share_prompt), comp.shape[1]
         with torch.no_grad():
-            old_logps, ents = completion_logps(model, ids, attn, C, args.temperature, device)
-            ref_logps = completion_logps(ref, ids, attn, C, args.temperature, device)[0] if ref is not None else None
+            old_logps, ents = completion_logps(model, rows, C, args.temperature, device)
+            ref_logps = completion_logps(ref, rows, C, args.temperature, device)[0] if ref is not None else None
         if args.mask_truncated:
             mask = mask & ended[:, None]
-        return dict(ids=ids, attn=attn, C=C, mask=mask.float(), rewards=rewards, old_logps=old_logps, ref_logps=ref_logps, ents=ents)
+        n_tokens = sum(len(r["ids"]) for r in recs) * args.group_size + mask.sum().item()
+        return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=rewards, old_logps=old_logps, ref_logps=ref_logps, ents=ents, n_tokens=n_tokens)
 
     def evaluate():
         return {"eval/accuracy": toy.evaluate(model, tok, eval_recs)}
@@ -256,11 +289,11 @@ def main(args):
                 stats[5] += (kl_estimate(b["old_logps"], b["ref_logps"], "k3") * b["mask"]).sum()
             b["adv"] = rloo_advantages(score_B.view(-1, args.group_size)).view(-1)
             r_BG = b["rewards"].view(-1, args.group_size)
-            comps = [row[:int(n)] for row, n in zip(b["ids"][:, -b["C"]:].tolist(), b["mask"].sum(-1).tolist())]
+            comps = [row[:int(n)] for row, n in zip(b["comp"].tolist(), b["mask"].sum(-1).tolist())]
             stats += torch.tensor([r_BG.sum(), (r_BG ** 2).sum(), r_BG.numel(), (r_BG.amax(-1) == r_BG.amin(-1)).sum(), len(r_BG), 0,
                                    (b["ents"] * b["mask"]).sum(), b["mask"].sum(),
                                    sum(distinct2(comps[j:j + args.group_size]) for j in range(0, len(comps), args.group_size))])
-            tokens += b["attn"].sum().item()
+            tokens += b["n_tokens"]
         stats = dist.all_sum(stats)
         n_global = stats[7].item() if args.loss_agg == "token" else dist.all_sum(sum((b["mask"].sum(-1) > 0).sum() for b in batches)).item()
 
@@ -269,7 +302,7 @@ def main(args):
         for i, b in enumerate(batches):
             if world > 1:
                 model.set_requires_gradient_sync(i == len(batches) - 1)
-            logps, _ = completion_logps(model, b["ids"], b["attn"], b["C"], args.temperature, device)
+            logps, _ = completion_logps(model, b["rows"], b["C"], args.temperature, device)
             loss_BT = reinforce_loss(logps, b["adv"])
             loss = aggregate(loss_BT, b["mask"], args.loss_agg, n_global)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them

@@ -7,7 +7,7 @@ import pytest
 import torch
 from util import metrics, run
 
-from algos.grpo import aggregate, clipped_surrogate, completion_logps, generate, grpo_advantages, kl_estimate
+from algos.grpo import aggregate, clipped_surrogate, completion_logps, generate, group_rows, grpo_advantages, kl_estimate
 from algos.remax import remax_advantages
 from algos.rloo import reinforce_loss, rloo_advantages
 from common import toy
@@ -113,8 +113,17 @@ def test_k3_as_a_loss_differentiates_the_reverse_kl():
     assert not torch.allclose(g_k3, g_forward, atol=1e-2)
 
 
-def test_batched_left_padded_generation_matches_one_at_a_time(sft_run):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def one_row_logps(model, prompt, comp):
+    """Reference: log-probs of comp after prompt in a single unpadded row, by log_softmax."""
+    ids = torch.tensor([prompt + comp])
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1:-1]
+    return logits.log_softmax(-1).gather(-1, torch.tensor(comp)[:, None]).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def sft(sft_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common.template import encode_prompt
     tok = AutoTokenizer.from_pretrained(sft_run)
@@ -122,21 +131,44 @@ def test_batched_left_padded_generation_matches_one_at_a_time(sft_run):
     qs = ["1+1", "77-13", "5-0", "98+87", "30-28", "6+6"]  # prompts of different lengths: rows get different left padding
     prompts = [encode_prompt(tok, [{"role": "user", "content": f"What is {q}?"}]) for q in qs]
     assert len(set(map(len, prompts))) > 1
+    return model, tok, prompts
+
+
+def test_batched_left_padded_generation_matches_one_at_a_time(sft):
+    from transformers import GenerationConfig
+    model, tok, prompts = sft
     cfg = GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cpu = torch.device("cpu")
-    ids, attn, C, mask, ended = generate(model, prompts, tok, cfg, cpu)
-    logps, _ = completion_logps(model, ids, attn, C, 1.0, cpu)
-    for i, p in enumerate(prompts):
-        one, one_attn, one_C, one_mask, _ = generate(model, [p], tok, cfg, cpu)
-        n = int(one_mask.sum())
-        assert ids[i, -C:][:n].tolist() == one[0, -one_C:][:n].tolist() and int(mask[i].sum()) == n
-        # the masked completion ends at its first EOS (included); everything after it is padding
-        comp = ids[i, -C:].tolist()
-        if ended[i]:
-            assert comp.index(tok.eos_token_id) == n - 1 and all(t == tok.pad_token_id for t in comp[n:])
-        one_logps, _ = completion_logps(model, one, one_attn, one_C, 1.0, cpu)
-        assert torch.allclose(logps[i, :n], one_logps[0, :n], atol=1e-5)  # position ids count from the first real token
+    comp, mask, ended = generate(model, prompts, 1, tok, cfg, cpu)
     assert ended.any()
+    for i, p in enumerate(prompts):
+        one, one_mask, _ = generate(model, [p], 1, tok, cfg, cpu)
+        n = int(one_mask.sum())
+        assert comp[i, :n].tolist() == one[0, :n].tolist() and int(mask[i].sum()) == n
+        # the masked completion ends at its first EOS (included); everything after it is padding
+        row = comp[i].tolist()
+        if ended[i]:
+            assert row.index(tok.eos_token_id) == n - 1 and all(t == tok.pad_token_id for t in row[n:])
+        else:
+            assert n == comp.shape[1] and tok.eos_token_id not in row
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_batched_logps_match_one_row_each(sft, share_prompt):
+    """Sampled groups, laid out with the prompt shared by its group (4D mask) or one padded row each, against one
+    unpadded row per completion: position ids and masks give every completion the logits of a row of its own."""
+    from transformers import GenerationConfig
+    model, tok, prompts = sft
+    G = 3
+    cfg = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    comp, mask, _ = generate(model, prompts, G, tok, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        logps, ents = completion_logps(model, group_rows(prompts, comp, G, tok.pad_token_id, share_prompt), comp.shape[1], 1.0, torch.device("cpu"))
+    for i in range(len(comp)):
+        n = int(mask[i].sum())
+        assert torch.allclose(logps[i, :n], one_row_logps(model, prompts[i // G], comp[i, :n].tolist()), atol=1e-5)
+    assert (ents > 0).all()
 
 
 def tiny_eval(tmp_path, n=16):

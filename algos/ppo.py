@@ -61,7 +61,7 @@ class Args:
     top_p: float = 1.0  # nucleus sampling
     mask_truncated: bool = False  # completions without an end-of-turn token carry no loss
     missing_eos_penalty: float = 1.0  # subtracted from the RM score of a completion without end-of-turn token
-    beta: float = 0.05  # KL coefficient β (the controller's starting value with --adaptive_kl)
+    beta: float = 0.2  # KL coefficient β (the controller's starting value with --adaptive_kl)
     kl_estimator: str = "k1"  # k1 | k2 | k3, estimator of KL_t from log π_old - log π_ref
     kl_placement: str = "reward"  # reward: r_t = -β KL_t (InstructGPT); loss: + β Ê_t[KL_t] in the loss
     adaptive_kl: bool = False  # adapt β towards --kl_target (Ziegler et al.'s proportional controller)
@@ -109,8 +109,7 @@ def gae(rewards_BT, values_BT, mask_BT, gamma, lam):
     m = mask_BT.float()
     next_values = torch.cat([values_BT[:, 1:] * m[:, 1:], torch.zeros_like(values_BT[:, :1])], 1)
     delta = (rewards_BT + gamma * next_values - values_BT) * m
-    t = torch.arange(delta.shape[1], device=delta.device)
-    s_minus_t = t[None, :] - t[:, None]
+    s_minus_t = torch.arange(delta.shape[1], device=delta.device)[None, :] - torch.arange(delta.shape[1], device=delta.device)[:, None]
     discount_TS = torch.where(s_minus_t >= 0, (gamma * lam) ** s_minus_t.clamp(min=0).to(delta), 0.0)  # (γλ)^(s-t), s ≥ t
     adv = (delta @ discount_TS.T) * m
     return adv, (adv + values_BT) * m
@@ -181,8 +180,7 @@ def load_prompts(path, tok, args, need_str=False):
 
 def main(args):
     rank, world, device = dist.setup(args.seed)
-    args.data, args.eval_data = args.data or toy.data("rl.jsonl"), args.eval_data or toy.data("eval.jsonl")
-    args.ref_model = args.ref_model or args.model
+    args.data, args.eval_data, args.ref_model = args.data or toy.data("rl.jsonl"), args.eval_data or toy.data("eval.jsonl"), args.ref_model or args.model
     say = tqdm.write if rank == 0 else (lambda *_: None)
     for path, flag, script in ((args.model, "model", "sft"), (args.reward_model, "reward_model", "rm")):
         if path == f"runs/{script}" and not os.path.exists(path):

@@ -153,21 +153,23 @@ def test_missing_reward_model_is_one_line_error(sft_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def ppo_run(sft_run, rm_run, tmp_path_factory):
+    """The defaults, cut to 25 rollouts (the RM score rises from the first steps; see the report for the full budget)."""
     out = tmp_path_factory.mktemp("ppo")
-    run("ppo", "--model", sft_run, "--reward_model", rm_run, "--output_dir", out, "--max_steps", 30,
-        "--log_every", 5, "--eval_every", 30, "--save_every", 0)
+    run("ppo", "--model", sft_run, "--reward_model", rm_run, "--output_dir", out, "--max_steps", 25,
+        "--log_every", 1, "--eval_every", 25, "--save_every", 0)
     return out
 
 
 def test_ppo_raises_the_reward_model_score_and_reports_gold(ppo_run):
     ms = metrics(ppo_run)
-    ev = [m for m in ms if "eval/rm_score" in m]
-    train = [m for m in ms if "reward/mean" in m]
-    print(f"ppo eval rm score {ev[0]['eval/rm_score']:.3f} -> {ev[-1]['eval/rm_score']:.3f}, eval accuracy "
-          f"{ev[0]['eval/accuracy']:.3f} -> {ev[-1]['eval/accuracy']:.3f}; train rm score {train[0]['reward/mean']:.3f} -> "
-          f"{train[-1]['reward/mean']:.3f}, gold {train[0]['reward/gold']:.3f} -> {train[-1]['reward/gold']:.3f}, kl {train[-1]['kl']:.3f}")
-    assert ev[0]["step"] == 0 and ev[-1]["step"] == 30
-    assert ev[-1]["eval/rm_score"] > ev[0]["eval/rm_score"] + 0.3
-    assert train[-1]["reward/mean"] > train[0]["reward/mean"] + 0.3
-    assert all(0 <= m["reward/gold"] <= 1 for m in train) and 0 <= ev[-1]["eval/accuracy"] <= 1
-    assert all(m["kl"] > -0.1 and math.isfinite(m["loss"]) for m in train)
+    ev, train = [m for m in ms if "eval/rm_score" in m], [m for m in ms if "reward/mean" in m]
+    first, last = (sum(m["reward/mean"] for m in part) / len(part) for part in (train[:5], train[-5:]))
+    print(f"ppo held-out greedy RM score {ev[0]['eval/rm_score']:.3f} -> {ev[-1]['eval/rm_score']:.3f}, gold accuracy "
+          f"{ev[0]['eval/accuracy']:.3f} -> {ev[-1]['eval/accuracy']:.3f}; sampled RM score (5-step means) {first:.3f} -> {last:.3f}, "
+          f"sampled gold {train[0]['reward/gold']:.3f} -> {train[-1]['reward/gold']:.3f}, kl_seq {train[-1]['kl_seq']:.3f}")
+    assert [m["step"] for m in ev] == [0, 25] and len(train) == 25
+    assert ev[-1]["eval/rm_score"] > ev[0]["eval/rm_score"] + 0.15
+    assert last > first + 0.2
+    assert all(0 <= m["reward/gold"] <= 1 for m in train) and all(0 <= m["eval/accuracy"] <= 1 for m in ev)
+    assert all(math.isfinite(m["loss"]) and m["kl"] >= 0 and m["ppo_updates"] == 16 for m in train)
+    assert train[0]["kl"] < 1e-6 < train[-1]["kl"]  # the first rollout is the reference's own; then the actor moves

@@ -18,8 +18,8 @@ Deviations from the paper:
      fixed by the seed), are computed once, before training, in one no-grad pass, and the reference
      model is freed. The policy's log-probs of the mismatched pairs take a no-grad forward: z_ref
      carries no gradient anyway.
-  3. Dropout is off in the policy as in the reference (both run in eval mode, whatever the config calls
-     its dropout), so the log-ratios are exact.
+  3. Dropout is off in the policy as in the reference: every dropout rate of the config is 0 before the
+     model is built and every nn.Dropout gets p = 0, so the log-ratios are exact.
   4. eval/pref_accuracy ranks held-out pairs by β·r; a tie counts as half right, so a policy equal to
      its reference (all rewards 0) starts at 0.5, the accuracy of a coin.
 Data: JSONL, {"prompt": ..., "completion": ..., "label": true/false} (strings or message lists); a
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -54,18 +54,19 @@ class Args:
     max_len: int = 128  # records longer than this are dropped (and counted)
     batch_size: int = 32  # records per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-4  # peak learning rate (AdamW)
+    lr: float = 5e-5  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
-    max_steps: int = 100  # optimizer steps; 0: run --epochs over the data
+    max_steps: int = 50  # optimizer steps; 0: run --epochs over the data
     epochs: int = 1  # passes over the data when max_steps is 0
     warmup_ratio: float = 0.1  # fraction of steps of linear warmup before the cosine decay
     seed: int = 0  # seed of the data order and of every RNG
     log_every: int = 10  # steps between metrics lines
-    eval_every: int = 50  # steps between evaluations (0: only at the end)
-    save_every: int = 100  # steps between resumable checkpoints (0: none)
+    eval_every: int = 25  # steps between evaluations (0: only at the end)
+    save_every: int = 25  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
     beta: float = 0.1  # β: strength of the KL regularisation toward πref (the implicit reward's scale)
     desirable_weight: float = 1.0  # λD; the paper advises λD·nD / (λU·nU) in [1, 4/3]
     undesirable_weight: float = 1.0  # λU
@@ -171,15 +172,21 @@ def main(args):
                         for k, j in enumerate(mismatched([keys[i] for i in idx]))])
 
     def load(name):
-        """A causal LM in eval mode: every dropout off, in the policy as in the reference (exact log-ratios)."""
+        """A causal LM with every dropout off, whatever its config calls it: exact log-probs (deviation 3)."""
         try:
-            m = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+            cfg = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+            for c in (cfg, cfg.get_text_config()):  # attention dropout is often a config rate, not a module
+                c.update({k: 0.0 for k, v in c.to_dict().items() if "dropout" in k and isinstance(v, float)})
+            m = AutoModelForCausalLM.from_pretrained(name, config=cfg, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
                                                      trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as e:
             data.fail(f"cannot load model {name!r}: {str(e).splitlines()[0]}")
         if len(tok) > m.get_input_embeddings().num_embeddings:
             data.fail(f"tokenizer has {len(tok)} tokens but model {name!r} embeds only {m.get_input_embeddings().num_embeddings}")
-        return dist.shard(m, world, device).eval()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        return dist.shard(m, world, device)
 
     def logps_of(model, seqs):
         """Sequences (ids, labels) in one right-padded forward -> (summed response log-probs, response lengths)."""
@@ -205,7 +212,7 @@ def main(args):
 
     # Reference: log πref of every record and mismatched pair the run will see, and of the held-out pairs,
     # in one pass; then freed.
-    ref = load(args.ref_model)
+    ref = load(args.ref_model).eval()
     used = torch.cat(plan).unique()
     ref_logps = torch.zeros(len(recs))
     ref_logps[used] = all_logps(ref, [recs[j][0] for j in used.tolist()])
@@ -215,7 +222,9 @@ def main(args):
     del ref
 
     # Policy, sharded with FSDP2 when there are several processes.
-    model = load(args.model)
+    model = load(args.model).train()  # train mode only matters to --gradient_checkpointing: dropout is 0
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()  # recompute each layer's activations in backward: less memory
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
 
@@ -233,7 +242,8 @@ def main(args):
         lp = all_logps(model, eval_seqs)
         rewards_c, rewards_r = (args.beta * (lp - eval_ref)).chunk(2)  # β·r of chosen, of rejected
         pref_acc = ((rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()).mean().item()
-        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs), "eval/pref_accuracy": pref_acc}
+        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs), "eval/pref_accuracy": pref_acc,
+                "eval/margin": (rewards_c - rewards_r).mean().item()}
 
     if start == 0:
         metrics.log(0, **evaluate())  # the starting point, so every run reports before and after

@@ -14,7 +14,8 @@ Deviations from the paper:
      this way the loss is a sum over pairs, the same however the global batch is split.
   2. log odds = log P - log(1 - P) with log P clamped at -1e-6, so a response of probability 1 keeps
      finite odds (the paper's formula divides by zero there).
-  3. Dropout is off (the policy runs in eval mode, whatever the config calls its dropout).
+  3. Dropout is off: every dropout rate of the config is 0 before the model is built, and every
+     nn.Dropout gets p = 0.
   4. eval/pref_accuracy ranks held-out pairs by the reward λ/|y|·log πθ(y|x) (the odds are monotone
      in it); a tie counts as half right, as in the other preference scripts.
 Data: JSONL, {"prompt": ..., "chosen": ..., "rejected": ...} (strings or message lists).
@@ -31,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -51,15 +52,16 @@ class Args:
     lr: float = 2e-4  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
-    max_steps: int = 100  # optimizer steps; 0: run --epochs over the data
+    max_steps: int = 50  # optimizer steps; 0: run --epochs over the data
     epochs: int = 1  # passes over the data when max_steps is 0
     warmup_ratio: float = 0.1  # fraction of steps of linear warmup before the cosine decay
     seed: int = 0  # seed of the data order and of every RNG
     log_every: int = 10  # steps between metrics lines
-    eval_every: int = 50  # steps between evaluations (0: only at the end)
-    save_every: int = 100  # steps between resumable checkpoints (0: none)
+    eval_every: int = 25  # steps between evaluations (0: only at the end)
+    save_every: int = 25  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
     lam: float = 0.1  # λ: weight of the odds-ratio term against the NLL of the chosen response
 
 
@@ -138,15 +140,21 @@ def main(args):
     plan = [orders[s // steps_per_epoch][s % steps_per_epoch * G:(s % steps_per_epoch + 1) * G] for s in range(total_steps)]
 
     def load(name):
-        """A causal LM in eval mode: every dropout off."""
+        """A causal LM with every dropout off, whatever its config calls it: exact log-probs (deviation 3)."""
         try:
-            m = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+            cfg = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+            for c in (cfg, cfg.get_text_config()):  # attention dropout is often a config rate, not a module
+                c.update({k: 0.0 for k, v in c.to_dict().items() if "dropout" in k and isinstance(v, float)})
+            m = AutoModelForCausalLM.from_pretrained(name, config=cfg, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
                                                      trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as e:
             data.fail(f"cannot load model {name!r}: {str(e).splitlines()[0]}")
         if len(tok) > m.get_input_embeddings().num_embeddings:
             data.fail(f"tokenizer has {len(tok)} tokens but model {name!r} embeds only {m.get_input_embeddings().num_embeddings}")
-        return dist.shard(m, world, device).eval()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        return dist.shard(m, world, device)
 
     def logps_of(model, seqs):
         """Sequences (ids, labels) in one right-padded forward -> (summed response log-probs, response lengths)."""
@@ -171,7 +179,9 @@ def main(args):
         return dist.all_sum(out).float()
 
     # Policy, sharded with FSDP2 when there are several processes; no reference model.
-    model = load(args.model)
+    model = load(args.model).train()  # train mode only matters to --gradient_checkpointing: dropout is 0
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()  # recompute each layer's activations in backward: less memory
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
 
@@ -189,7 +199,8 @@ def main(args):
         lp = all_logps(model, eval_pairs)
         _, rewards_c, rewards_r = orpo_loss(lp[:, 0], lp[:, 1], lp[:, 2], lp[:, 3], args.lam, 1)
         pref_acc = ((rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()).mean().item()
-        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs), "eval/pref_accuracy": pref_acc}
+        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs), "eval/pref_accuracy": pref_acc,
+                "eval/margin": (rewards_c - rewards_r).mean().item()}
 
     if start == 0:
         metrics.log(0, **evaluate())  # the starting point, so every run reports before and after

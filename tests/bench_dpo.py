@@ -1,0 +1,98 @@
+"""DPO throughput and memory (./run.sh bench); nothing here is asserted, only measured.
+
+Pairs/s and peak memory of algos/dpo.py and of Hugging Face TRL's DPOTrainer (run in .venv-trl) on the
+same model (the 3.2M-parameter toy Llama of tests/bench.py), the same pairs (the embedded preference
+pairs as chat messages, through the same chat template), the same batch, learning rate and beta.
+Pairs/s is timed over steps WARMUP..STEPS; peak memory is the process's peak RSS (peak allocated on GPU
+for ours), so it includes each side's reference handling: ours precomputes the reference log-probs and
+frees the reference model, TRL's default keeps a reference model and runs it every step.
+Run:  .venv/bin/python tests/bench_dpo.py
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import OUT, ROOT, TRL_PY, make_inputs  # noqa: E402
+
+BATCH, STEPS, WARMUP, MAX_LEN, LR, BETA, N_PAIRS = 16, 40, 10, 128, 1e-4, 0.1, 2000
+
+
+def make_pairs():
+    """The first N_PAIRS embedded pairs with message-list fields (both sides apply the chat template)."""
+    sys.path.insert(0, ROOT)
+    from common import toy
+    path, tiny = os.path.join(OUT, "dpo_pairs.jsonl"), os.path.join(OUT, "dpo_pairs_tiny.jsonl")
+    with open(toy.data("prefs.jsonl")) as f:
+        recs = [json.loads(line) for _, line in zip(range(N_PAIRS), f)]
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in recs]
+    for p, rs in ((path, rows), (tiny, rows[:1])):
+        with open(p, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rs)
+    return path, tiny
+
+
+def ours(model_dir, pairs, tiny):
+    out, eval_tiny = os.path.join(OUT, "dpo_ours"), os.path.join(OUT, "eval_tiny.jsonl")
+    with open(eval_tiny, "w") as f:
+        f.write(json.dumps({"prompt": "What is 1+1?", "answer": "2"}) + "\n")
+    # one step past STEPS, so that the row at STEPS is not the final one (which includes the evaluation)
+    subprocess.run([sys.executable, "algos/dpo.py", "--model", model_dir, "--data", pairs, "--eval_data", eval_tiny,
+                    "--eval_pairs", tiny, "--output_dir", out, "--max_len", str(MAX_LEN), "--batch_size", str(BATCH),
+                    "--max_steps", str(STEPS + 1), "--log_every", str(WARMUP), "--eval_every", "0", "--save_every", "0",
+                    "--lr", str(LR), "--beta", str(BETA)], cwd=ROOT, check=True, capture_output=True)
+    rows = {r["step"]: r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+    return BATCH * (STEPS - WARMUP) / (rows[STEPS]["time"] - rows[WARMUP]["time"]), rows[STEPS + 1]["peak_mem_gb"]
+
+
+def trl(model_dir, pairs):
+    """Runs in the TRL environment: DPOTrainer with its defaults (a reference model kept in memory), same
+    model, pairs, batch, max length, learning rate, schedule and beta."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks[state.global_step] = time.time()
+
+    cfg = DPOConfig(output_dir=os.path.join(OUT, "dpo_trl"), per_device_train_batch_size=BATCH, max_length=MAX_LEN,
+                    max_steps=STEPS, logging_steps=WARMUP, save_strategy="no", report_to="none", learning_rate=LR, beta=BETA,
+                    lr_scheduler_type="cosine", warmup_steps=STEPS // 10, use_cpu=True, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model_dir, args=cfg, train_dataset=load_dataset("json", data_files=pairs, split="train"),
+                         processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Clock()])
+    trainer.train()
+    print(json.dumps({"pairs_per_s": BATCH * (STEPS - WARMUP) / (marks[STEPS] - marks[WARMUP]),
+                      "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def main():
+    model_dir, _ = make_inputs()
+    pairs, tiny = make_pairs()
+    import torch
+    print(f"DPO benchmark: 3.2M-param Llama, {BATCH} pairs a step, steps {WARMUP}..{STEPS} timed, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    pps, mem = ours(model_dir, pairs, tiny)
+    line = f"  ours: {pps:7.1f} pairs/s  peak {mem:.2f} GB"
+    if os.path.exists(TRL_PY):
+        p = subprocess.run([TRL_PY, __file__, "--trl", model_dir, pairs], cwd=ROOT, capture_output=True, text=True)
+        if p.returncode == 0:
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            line += (f" | TRL DPOTrainer: {r['pairs_per_s']:7.1f} pairs/s  peak {r['peak_mem_gb']:.2f} GB"
+                     f" | ours/TRL {pps / r['pairs_per_s']:.2f}x pairs/s, {mem / r['peak_mem_gb']:.2f}x memory")
+        else:
+            line += f" | TRL failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--trl"]:
+        trl(sys.argv[2], sys.argv[3])
+    else:
+        main()

@@ -174,7 +174,8 @@ def load_prompts(path, tok, args, need_str=False):
         answer = data.field(rec, where, "answer", str) if "answer" in rec or need_str else None
         ids = encode_prompt(tok, data.messages(raw, where, "prompt", "user"))
         fits = len(ids) + args.max_new_tokens <= args.max_len
-        out, n_long = out + [(ids, answer, raw)] * fits, n_long + (not fits)
+        out += [(ids, answer, raw)] * fits
+        n_long += not fits
     return out, n_long
 
 

@@ -167,8 +167,8 @@ def perplexity(model, tok, lines, batch_size=64):
     for i in range(0, len(lines), batch_size):
         enc = [tok(ln, add_special_tokens=False)["input_ids"] for ln in lines[i:i + batch_size]]
         width = max(map(len, enc))
-        x = torch.tensor([e + [tok.pad_token_id] * (width - len(e)) for e in enc])
-        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
+        x = torch.tensor([e + [tok.pad_token_id] * (width - len(e)) for e in enc], device=model.device)
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc], device=model.device)
         logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         logps = logits.gather(-1, x[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
         nll -= (logps * mask[:, 1:]).sum().item()
@@ -176,14 +176,17 @@ def perplexity(model, tok, lines, batch_size=64):
     return math.exp(nll / max(n, 1))
 
 
-def score(model, tok, eval_recs, groups, lines):
-    """eval/accuracy overall and per group of prompts, eval/perplexity on plain text."""
+def score(model, tok, eval_recs, groups, lines, device):
+    """eval/accuracy overall and per group of prompts, eval/perplexity on plain text (on the accelerator if any)."""
+    model.to(device)
     out = {"eval/accuracy": toy.evaluate(model, tok, eval_recs)}
     for name, sub in groups:
         recs = [r for r in eval_recs if sub in r["prompt"]]
         if recs:
             out[f"eval/accuracy_{name}"] = toy.evaluate(model, tok, recs)
-    return {**out, "eval/perplexity": perplexity(model, tok, lines)}
+    out["eval/perplexity"] = perplexity(model, tok, lines)
+    model.cpu()  # merging happens on the CPU, where every state dict lives
+    return out
 
 
 def plot(rows, path):
@@ -194,11 +197,13 @@ def plot(rows, path):
     a = [r["alpha"] for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(a, [r["eval/accuracy"] for r in rows], "o-", color="tab:blue")
-    ax.set_xlabel("α  (0: base, 1: fine-tuned)")
+    ax.set_xlabel("α  (0: --base, 1: --models)")
     ax.set_ylabel("eval/accuracy", color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(a, [r["eval/perplexity"] for r in rows], "s--", color="tab:red")
     ax2.set_ylabel("perplexity of plain task text", color="tab:red")
+    if max(r["eval/perplexity"] for r in rows) > 10 * min(r["eval/perplexity"] for r in rows):
+        ax2.set_yscale("log")
     ax.set_title("WiSE-FT: accuracy vs base capability")
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=120)
@@ -206,7 +211,7 @@ def plot(rows, path):
 
 
 def main(args):
-    dist.setup(args.seed)
+    _, _, device = dist.setup(args.seed)
     if args.method not in METHODS:
         data.fail(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
     if args.method in ("task_arithmetic", "ties", "dare") and not args.base:
@@ -240,14 +245,14 @@ def main(args):
 
     rows = []
     for p, m in zip(paths, models):  # the inputs' own scores: the ends of the sweep, the parts of a merge
-        rows.append({"model": p, **score(m, tok, eval_recs, groups, lines)})
+        rows.append({"model": p, **score(m, tok, eval_recs, groups, lines, device)})
     if args.sweep:
         for a in args.alphas:
             out_model.load_state_dict(merge_state_dicts(args.method, sds, base_sd, weights, replace(args, alpha=a)))
-            rows.append({"alpha": a, **score(out_model, tok, eval_recs, groups, lines)})
+            rows.append({"alpha": a, **score(out_model, tok, eval_recs, groups, lines, device)})
     merged = merge_state_dicts(args.method, sds, base_sd, weights, args)
     out_model.load_state_dict(merged)
-    rows.append({"model": "merged", "method": args.method, **score(out_model, tok, eval_recs, groups, lines)})
+    rows.append({"model": "merged", "method": args.method, **score(out_model, tok, eval_recs, groups, lines, device)})
 
     os.makedirs(args.output_dir, exist_ok=True)
     metrics = data.Metrics(args.output_dir, True)

@@ -15,6 +15,11 @@ Agarwal et al. arXiv:2306.13649 (GKD, on-policy reverse KL).
 Deviations: 1. seqkd generates the teacher's responses per batch instead of a pass over the data set
    first; with greedy decoding the two are the same data. 2. Logits are compared over the first
    len(tokenizer) entries: models padded to different embedding sizes still distil.
+   3. on_policy, as GKD, takes no gradient through the sampling distribution (the samples are data).
+Defaults: the student is the SFT model, not the raw base: the reverse KL's gradient on a token scales with
+the student's own probability of it, so a student that puts no mass where the teacher does (the base, which
+does not know the chat format) barely moves under reverse_kl or on_policy. `kl` is KL(student ‖ teacher) at
+τ = 1 per response token in every mode; the teacher's accuracy is logged once at step 0.
 Data: JSONL conversations {"messages": [...]} or {"prompt", "completion"} (the KL modes train on
 their responses; seqkd and on_policy use only the prompt: everything before the last assistant
 turn), or {"prompt", "answer"} for seqkd and on_policy.
@@ -50,7 +55,7 @@ class Args:
     data: str = ""  # JSONL of conversations (or prompts for seqkd/on_policy); default: the embedded SFT set
     eval_data: str = ""  # JSONL of {"prompt","answer"}; default: the embedded eval set
     output_dir: str = ""  # model, args.json, metrics.jsonl, checkpoint/; default: runs/distill_<mode>
-    max_len: int = 128  # tokens per conversation (longer ones truncated, and counted)
+    max_len: int = 128  # tokens per conversation (longer ones truncated) or prompt (longer ones dropped); counted
     max_new_tokens: int = 16  # response length limit when the teacher (seqkd) or the student (on_policy) generates
     gen_temperature: float = -1.0  # sampling temperature of generation; 0: greedy; <0: 0 for seqkd, 1 for on_policy
     temperature: float = 1.0  # τ: softmax temperature of both distributions in the KL losses
@@ -115,8 +120,9 @@ def load_records(path, tok, args):
             out.append((ids, [IGNORE] * len(ids)))
         else:
             out.append(encode_chat(tok, data.conversation(rec, where)))
-    docs, n_long = fit(out, args.max_len, True)
-    if args.mode not in ("seqkd", "on_policy"):
+    generating = args.mode in ("seqkd", "on_policy")
+    docs, n_long = fit(out, args.max_len, truncate=not generating)  # a truncated prompt would lose its assistant header
+    if not generating:
         docs = [d for d in docs if any(l != IGNORE for l in d[1][1:])]
     return docs, n_long
 
@@ -160,7 +166,7 @@ def main(args):
     docs, n_long = load_records(args.data, tok, args)
     if not docs:
         data.fail(f"{args.data}: no usable record within max_len={args.max_len}")
-    say(f"{len(docs)} records; {n_long} longer than max_len={args.max_len} were truncated")
+    say(f"{len(docs)} records; {n_long} longer than max_len={args.max_len} were {'dropped' if args.mode in ('seqkd', 'on_policy') else 'truncated'}")
     eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
                  for w, r in data.read_jsonl(args.eval_data)]
     G = args.batch_size * args.grad_accum * world  # records per optimizer step

@@ -262,19 +262,19 @@ def main(args):
         say(f"resumed from {ckpt} at step {start}")
 
     def rollout(recs, seed):
-        """G samples per prompt, their rewards, and the old (sampling) and reference log-probs, all without gradients."""
+        """G samples per prompt, their rewards and the reference log-probs, without gradients. The sampling policy's own
+        log-probs come from the first update pass, which is on-policy, so they need no forward of their own."""
         torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
         comp, mask, ended = generate(model, [r["ids"] for r in recs], args.group_size, tok, gen_cfg, device, world > 1)
         texts = tok.batch_decode(comp, skip_special_tokens=True)
         rewards = torch.tensor([toy.verify(t, r["answer"]) for t, r in zip(texts, [r for r in recs for _ in range(args.group_size)])])
         rows, C = group_rows([r["ids"] for r in recs], comp, args.group_size, tok.pad_token_id, args.share_prompt), comp.shape[1]
         with torch.no_grad():
-            old_logps, ents = completion_logps(model, rows, C, args.temperature, device)
             ref_logps = completion_logps(ref, rows, C, args.temperature, device)[0] if ref is not None else None
         if args.mask_truncated:
             mask = mask & ended[:, None]
         n_tokens = sum(len(r["ids"]) for r in recs) * args.group_size + mask.sum().item()
-        return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=rewards, old_logps=old_logps, ref_logps=ref_logps, ents=ents, n_tokens=n_tokens)
+        return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=rewards, ref_logps=ref_logps, n_tokens=n_tokens)
 
     def evaluate():
         return {"eval/accuracy": toy.evaluate(model, tok, eval_recs)}
@@ -290,24 +290,14 @@ def main(args):
         micro = [(i * world + rank, idx[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size]) for i in range(args.grad_accum)]
         batches = [rollout([prompts[j] for j in m.tolist()], args.seed * 10**9 + step * 10**4 + g) for g, m in micro]
 
-        # Rewards -> advantages, group by group (a prompt's G samples are consecutive rows of one micro-batch).
-        stats = torch.zeros(9)
+        stats = torch.zeros(9)  # local sums, reduced after the update; see the metrics line
         for b in batches:
-            score_B = b["rewards"].clone()
-            if ref is not None:
-                kl_BC = kl_estimate(b["old_logps"], b["ref_logps"], args.kl_estimator)
-                if args.kl_placement == "reward":  # r_i - β Σ_t k_i,t: the penalty becomes part of the return
-                    score_B = score_B - args.beta * (kl_BC * b["mask"]).sum(-1)
-                stats[5] += (kl_estimate(b["old_logps"], b["ref_logps"], "k3") * b["mask"]).sum()
-            b["adv"] = grpo_advantages(score_B.view(-1, args.group_size), args.scale_rewards).view(-1)
             r_BG = b["rewards"].view(-1, args.group_size)
             comps = [row[:int(n)] for row, n in zip(b["comp"].tolist(), b["mask"].sum(-1).tolist())]
-            stats += torch.tensor([r_BG.sum(), (r_BG ** 2).sum(), r_BG.numel(), (r_BG.amax(-1) == r_BG.amin(-1)).sum(), len(r_BG), 0,
-                                   (b["ents"] * b["mask"]).sum(), b["mask"].sum(),
-                                   sum(distinct2(comps[j:j + args.group_size]) for j in range(0, len(comps), args.group_size))])
+            stats += torch.tensor([r_BG.sum(), (r_BG ** 2).sum(), r_BG.numel(), (r_BG.amax(-1) == r_BG.amin(-1)).sum(), len(r_BG), 0, 0,
+                                   b["mask"].sum(), sum(distinct2(comps[j:j + args.group_size]) for j in range(0, len(comps), args.group_size))])
             tokens += b["n_tokens"]
-        stats = dist.all_sum(stats)
-        n_global = stats[7].item() if args.loss_agg == "token" else dist.all_sum(sum((b["mask"].sum(-1) > 0).sum() for b in batches)).item()
+        n_global = dist.all_sum(sum(b["mask"].sum() if args.loss_agg == "token" else (b["mask"].sum(-1) > 0).sum() for b in batches)).item()
 
         # Update: num_iterations optimizer steps on this batch, each over all its micro-batches.
         loss_sum, upd = 0.0, torch.zeros(3)
@@ -315,7 +305,17 @@ def main(args):
             for i, b in enumerate(batches):
                 if world > 1:
                     model.set_requires_gradient_sync(i == len(batches) - 1)
-                logps, _ = completion_logps(model, b["rows"], b["C"], args.temperature, device)
+                logps, ents = completion_logps(model, b["rows"], b["C"], args.temperature, device)
+                if it == 0:  # on-policy pass: these are the sampling policy's log-probs; rewards -> advantages, group by group
+                    b["old_logps"] = logps.detach()
+                    score_B = b["rewards"].clone()
+                    if ref is not None:
+                        kl_BC = kl_estimate(b["old_logps"], b["ref_logps"], args.kl_estimator)
+                        if args.kl_placement == "reward":  # r_i - β Σ_t k_i,t: the penalty becomes part of the return
+                            score_B = score_B - args.beta * (kl_BC * b["mask"]).sum(-1)
+                        stats[5] += (kl_estimate(b["old_logps"], b["ref_logps"], "k3") * b["mask"]).sum()
+                    b["adv"] = grpo_advantages(score_B.view(-1, args.group_size), args.scale_rewards).view(-1)
+                    stats[6] += (ents * b["mask"]).sum()
                 loss_BT, clipped_BT = clipped_surrogate(logps, b["old_logps"], b["adv"], args.clip_eps, args.clip_eps_high)
                 if ref is not None and args.kl_placement == "loss":
                     loss_BT = loss_BT + args.beta * kl_estimate(logps, b["ref_logps"], args.kl_estimator)
@@ -330,7 +330,7 @@ def main(args):
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        loss_step, upd = dist.all_sum(loss_sum).item(), dist.all_sum(upd)
+        loss_step, upd, stats = dist.all_sum(loss_sum).item(), dist.all_sum(upd), dist.all_sum(stats)
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
             tps = dist.all_sum(tokens).item() / (time.time() - t_log)

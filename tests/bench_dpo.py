@@ -3,9 +3,12 @@
 Pairs/s and peak memory of algos/dpo.py and of Hugging Face TRL's DPOTrainer (run in .venv-trl) on the
 same model (the 3.2M-parameter toy Llama of tests/bench.py), the same pairs (the embedded preference
 pairs as chat messages, through the same chat template), the same batch, learning rate and beta.
-Pairs/s is timed over steps WARMUP..STEPS; peak memory is the process's peak RSS (peak allocated on GPU
-for ours), so it includes each side's reference handling: ours precomputes the reference log-probs and
-frees the reference model, TRL's default keeps a reference model and runs it every step.
+The three runs (TRL, ours, ours with gradient checkpointing) go at the same time, so a machine shared
+with other work slows them alike (TRL, the slowest, then runs its last steps with less company: this
+favours TRL). Pairs/s is timed over steps WARMUP..STEPS; peak memory is the process's peak RSS, so it
+includes each side's reference handling: ours precomputes the reference log-probs and frees the
+reference model, TRL's default keeps a reference model and runs it every step (and, by default,
+recomputes activations: gradient checkpointing).
 Run:  .venv/bin/python tests/bench_dpo.py
 """
 import json
@@ -36,17 +39,23 @@ def make_pairs():
     return path, tiny
 
 
-def ours(model_dir, pairs, tiny):
-    out, eval_tiny = os.path.join(OUT, "dpo_ours"), os.path.join(OUT, "eval_tiny.jsonl")
+def ours(model_dir, pairs, tiny, ckpt):
+    """Starts algos/dpo.py; returns a function that waits for it and gives (pairs/s, peak GB)."""
+    out, eval_tiny = os.path.join(OUT, f"dpo_ours_ckpt{ckpt}"), os.path.join(OUT, "eval_tiny.jsonl")
     with open(eval_tiny, "w") as f:
         f.write(json.dumps({"prompt": "What is 1+1?", "answer": "2"}) + "\n")
     # one step past STEPS, so that the row at STEPS is not the final one (which includes the evaluation)
-    subprocess.run([sys.executable, "algos/dpo.py", "--model", model_dir, "--data", pairs, "--eval_data", eval_tiny,
-                    "--eval_pairs", tiny, "--output_dir", out, "--max_len", str(MAX_LEN), "--batch_size", str(BATCH),
-                    "--max_steps", str(STEPS + 1), "--log_every", str(WARMUP), "--eval_every", "0", "--save_every", "0",
-                    "--lr", str(LR), "--beta", str(BETA)], cwd=ROOT, check=True, capture_output=True)
-    rows = {r["step"]: r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
-    return BATCH * (STEPS - WARMUP) / (rows[STEPS]["time"] - rows[WARMUP]["time"]), rows[STEPS + 1]["peak_mem_gb"]
+    p = subprocess.Popen([sys.executable, "algos/dpo.py", "--model", model_dir, "--data", pairs, "--eval_data", eval_tiny,
+                          "--eval_pairs", tiny, "--output_dir", out, "--max_len", str(MAX_LEN), "--batch_size", str(BATCH),
+                          "--max_steps", str(STEPS + 1), "--log_every", str(WARMUP), "--eval_every", "0", "--save_every", "0",
+                          "--lr", str(LR), "--beta", str(BETA), "--gradient_checkpointing", str(ckpt)],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def result():
+        assert p.wait() == 0, f"algos/dpo.py failed ({p.returncode})"
+        rows = {r["step"]: r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+        return BATCH * (STEPS - WARMUP) / (rows[STEPS]["time"] - rows[WARMUP]["time"]), rows[STEPS + 1]["peak_mem_gb"]
+    return result
 
 
 def trl(model_dir, pairs):
@@ -78,17 +87,24 @@ def main():
     import torch
     print(f"DPO benchmark: 3.2M-param Llama, {BATCH} pairs a step, steps {WARMUP}..{STEPS} timed, "
           f"{torch.get_num_threads()} threads", flush=True)
-    pps, mem = ours(model_dir, pairs, tiny)
-    line = f"  ours: {pps:7.1f} pairs/s  peak {mem:.2f} GB"
-    if os.path.exists(TRL_PY):
-        p = subprocess.run([TRL_PY, __file__, "--trl", model_dir, pairs], cwd=ROOT, capture_output=True, text=True)
-        if p.returncode == 0:
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            line += (f" | TRL DPOTrainer: {r['pairs_per_s']:7.1f} pairs/s  peak {r['peak_mem_gb']:.2f} GB"
-                     f" | ours/TRL {pps / r['pairs_per_s']:.2f}x pairs/s, {mem / r['peak_mem_gb']:.2f}x memory")
+    # All runs at once, so that they share whatever else loads the machine alike (each uses one thread here).
+    trl_run = subprocess.Popen([TRL_PY, __file__, "--trl", model_dir, pairs], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) if os.path.exists(TRL_PY) else None
+    runs = {ckpt: ours(model_dir, pairs, tiny, ckpt) for ckpt in (False, True)}
+    r = None
+    if trl_run:  # TRL's defaults include gradient checkpointing
+        out, err = trl_run.communicate()
+        if trl_run.returncode == 0:
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"  TRL DPOTrainer (defaults): {r['pairs_per_s']:7.1f} pairs/s  peak {r['peak_mem_gb']:.2f} GB", flush=True)
         else:
-            line += f" | TRL failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"
-    print(line, flush=True)
+            print(f"  TRL failed: {err.strip().splitlines()[-1] if err.strip() else trl_run.returncode}", flush=True)
+    for ckpt in (False, True):
+        pps, mem = runs[ckpt]()
+        line = f"  ours{' --gradient_checkpointing' if ckpt else ' (defaults)':26s}: {pps:7.1f} pairs/s  peak {mem:.2f} GB"
+        if r:
+            line += f" | ours/TRL {pps / r['pairs_per_s']:.2f}x pairs/s, {mem / r['peak_mem_gb']:.2f}x peak memory"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ Deviations from the paper:
      --loss_agg sequence averages log-probs over each completion's tokens instead of summing them.
   3. The KL penalty uses the per-token estimator --kl_estimator (k1 by default, the log-ratio), summed over
      the completion and subtracted from the sample's reward only; it is computed from the sampling-time log-probs.
-  4. Log-probs are of the tempered policy softmax(logits / T) that sampled (as in TRL); top-p truncation
-     is not accounted for in them.
-  5. With several processes each samples its own prompts; sampling is seeded per micro-batch, so the
-     samples (and the loss) do not depend on the process count.
+  4. Log-probs are of the tempered policy softmax(logits / T) that sampled (as in TRL), top-p aside.
+  5. Sampling is seeded per micro-batch: samples (and the loss) do not depend on the process count.
 Data: JSONL, {"prompt": ..., "answer": ...} (prompt: a string or a message list); reward = common.toy.verify.
 Run:  python algos/remax.py
       torchrun --nproc_per_node 8 algos/remax.py --model runs/sft --data prompts.jsonl --max_new_tokens 256
@@ -112,23 +110,20 @@ def token_logps(logits_NV, ids_N, temperature=1.0, chunk=4096):
         lg = logits_NV[i:i + chunk].float() / temperature
         lse = torch.logsumexp(lg, -1)
         logps.append(lg.gather(-1, ids_N[i:i + chunk, None]).squeeze(-1) - lse)
-        with torch.no_grad():
-            ents.append(lse - (lg.softmax(-1) * lg).sum(-1))
+        ents.append((lse - (lg.softmax(-1) * lg).sum(-1)).detach())
     return torch.cat(logps), torch.cat(ents)
 
 
 def group_rows(prompts, comp_NC, G, pad_id, share_prompt=True):
-    """Rows for the log-prob forward -> (ids_BL, pos_BL, mask, keep_K), keep_K the positions whose logits predict the
-    completion tokens. share_prompt: one row per prompt, its left-padded prompt once and then its G completions side by
-    side; under the 4D mask completion j sees the prompt and its own earlier tokens only, and its position ids continue
-    from the prompt, so it gets the logits of a row of its own while the prompt is computed once, not G times (the dense
-    L x L mask costs more than it saves when completions are much longer than prompts). Otherwise: one left-padded
-    row per completion, with a 2D padding mask."""
+    """-> (ids_BL, pos_BL, mask, keep_K: the positions whose logits predict completion tokens). share_prompt: one row per
+    prompt, the prompt once and then its G completions; under the 4D mask completion j sees the prompt and its own earlier
+    tokens only, positions continue from the prompt: each completion gets its own row's logits, the prompt is computed once,
+    not G times (the dense L x L mask costs more than it saves when completions are much longer than prompts)."""
     C, dev, W = comp_NC.shape[1], comp_NC.device, max(map(len, prompts))
     lens_B = torch.tensor([len(p) for p in prompts], device=dev)
     pad_BW = torch.arange(W, device=dev) < W - lens_B[:, None]
     prompt_BW = torch.tensor([[pad_id] * (W - len(p)) + p for p in prompts], device=dev)
-    if not share_prompt:
+    if not share_prompt:  # one left-padded row per completion, a 2D padding mask
         attn_NL = torch.cat([(~pad_BW).long().repeat_interleave(G, 0), torch.ones_like(comp_NC)], 1)
         return (torch.cat([prompt_BW.repeat_interleave(G, 0), comp_NC], 1), (attn_NL.cumsum(-1) - 1).clamp(min=0), attn_NL,
                 torch.arange(W - 1, W + C - 1, device=dev))
@@ -165,8 +160,7 @@ def generate(model, prompts, G, tok, gen_cfg, device, synced=False):
     cache.batch_repeat_interleave(G)
     out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0), cache=cache,
                          generation_config=gen_cfg, synced_gpus=synced)
-    comp_NC = out[:, width:]
-    C = comp_NC.shape[1]
+    comp_NC, C = out[:, width:], out.shape[1] - width
     is_eos = comp_NC == tok.eos_token_id
     ended_N = is_eos.any(-1)
     first_N = torch.where(ended_N, is_eos.int().argmax(-1), C)
@@ -177,9 +171,8 @@ def load_prompts(path, tok, args):
     """-> [(prompt ids, answer)]; prompts leaving fewer than max_new_tokens of max_len are dropped (and counted)."""
     recs, n_long = [], 0
     for where, rec in data.read_jsonl(path):
-        prompt = data.messages(data.field(rec, where, "prompt", (str, list)), where, "prompt", "user")
+        ids = encode_prompt(tok, data.messages(data.field(rec, where, "prompt", (str, list)), where, "prompt", "user"))
         answer = data.field(rec, where, "answer", str)
-        ids = encode_prompt(tok, prompt)
         if len(ids) + args.max_new_tokens > args.max_len:
             n_long += 1
         else:
@@ -224,7 +217,7 @@ def main(args):
 
     # Models: the policy, and a frozen reference when β > 0. Dropout stays off: every forward runs in eval mode,
     # so old, current and reference log-probs compare the same deterministic function (TRL #744).
-    def load(path):
+    def load(path):  # the shared-prompt layout's 4D mask needs sdpa: flash-attn's varlen kernels cannot express it
         try:
             m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa" if args.share_prompt else dist.attn_impl(device),
                                                      trust_remote_code=args.trust_remote_code)

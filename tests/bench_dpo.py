@@ -5,7 +5,8 @@ same model (the 3.2M-parameter toy Llama of tests/bench.py), the same pairs (the
 pairs as chat messages, through the same chat template), the same batch, learning rate and beta.
 The three runs (TRL, ours, ours with gradient checkpointing) go at the same time, so a machine shared
 with other work slows them alike (TRL, the slowest, then runs its last steps with less company: this
-favours TRL). Pairs/s is timed over steps WARMUP..STEPS; peak memory is the process's peak RSS, so it
+favours TRL). Pairs/s is timed over steps WARMUP..STEPS, in wall-clock seconds and in the process's CPU
+seconds (user + system; less sensitive to a busy machine); peak memory is the process's peak RSS, so it
 includes each side's reference handling: ours precomputes the reference log-probs and frees the
 reference model, TRL's default keeps a reference model and runs it every step (and, by default,
 recomputes activations: gradient checkpointing).
@@ -14,8 +15,10 @@ Run:  .venv/bin/python tests/bench_dpo.py
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,10 +43,11 @@ def make_pairs():
 
 
 def ours(model_dir, pairs, tiny, ckpt):
-    """Starts algos/dpo.py; returns a function that waits for it and gives (pairs/s, peak GB)."""
+    """Starts algos/dpo.py; returns a function that waits for it and gives (pairs/s, pairs/CPU-s, peak GB)."""
     out, eval_tiny = os.path.join(OUT, f"dpo_ours_ckpt{ckpt}"), os.path.join(OUT, "eval_tiny.jsonl")
     with open(eval_tiny, "w") as f:
         f.write(json.dumps({"prompt": "What is 1+1?", "answer": "2"}) + "\n")
+    shutil.rmtree(out, ignore_errors=True)  # no stale metrics for the watcher below
     # one step past STEPS, so that the row at STEPS is not the final one (which includes the evaluation)
     p = subprocess.Popen([sys.executable, "algos/dpo.py", "--model", model_dir, "--data", pairs, "--eval_data", eval_tiny,
                           "--eval_pairs", tiny, "--output_dir", out, "--max_len", str(MAX_LEN), "--batch_size", str(BATCH),
@@ -51,10 +55,27 @@ def ours(model_dir, pairs, tiny, ckpt):
                           "--lr", str(LR), "--beta", str(BETA), "--gradient_checkpointing", str(ckpt)],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    cpu, path = {}, os.path.join(out, "metrics.jsonl")
+
+    def watch():
+        """Polls the metrics file, reading the process's CPU time (/proc) when the rows of WARMUP and STEPS appear."""
+        while p.poll() is None:
+            steps = {json.loads(line)["step"] for line in open(path) if line.endswith("\n")} if os.path.exists(path) else set()
+            for s in (WARMUP, STEPS):
+                if s in steps and s not in cpu:
+                    with open(f"/proc/{p.pid}/stat") as f:
+                        cpu[s] = sum(map(int, f.read().rsplit(")", 1)[1].split()[11:13])) / os.sysconf("SC_CLK_TCK")
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+
     def result():
-        assert p.wait() == 0, f"algos/dpo.py failed ({p.returncode})"
-        rows = {r["step"]: r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
-        return BATCH * (STEPS - WARMUP) / (rows[STEPS]["time"] - rows[WARMUP]["time"]), rows[STEPS + 1]["peak_mem_gb"]
+        watcher.join()
+        assert p.returncode == 0, f"algos/dpo.py failed ({p.returncode})"
+        rows = {r["step"]: r for r in map(json.loads, open(path))}
+        n = BATCH * (STEPS - WARMUP)
+        return n / (rows[STEPS]["time"] - rows[WARMUP]["time"]), n / (cpu[STEPS] - cpu[WARMUP]), rows[STEPS + 1]["peak_mem_gb"]
     return result
 
 
@@ -69,7 +90,7 @@ def trl(model_dir, pairs):
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            marks[state.global_step] = time.time()
+            marks[state.global_step] = (time.time(), time.process_time())
 
     cfg = DPOConfig(output_dir=os.path.join(OUT, "dpo_trl"), per_device_train_batch_size=BATCH, max_length=MAX_LEN,
                     max_steps=STEPS, logging_steps=WARMUP, save_strategy="no", report_to="none", learning_rate=LR, beta=BETA,
@@ -77,7 +98,8 @@ def trl(model_dir, pairs):
     trainer = DPOTrainer(model=model_dir, args=cfg, train_dataset=load_dataset("json", data_files=pairs, split="train"),
                          processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Clock()])
     trainer.train()
-    print(json.dumps({"pairs_per_s": BATCH * (STEPS - WARMUP) / (marks[STEPS] - marks[WARMUP]),
+    n = BATCH * (STEPS - WARMUP)
+    print(json.dumps({"pairs_per_s": n / (marks[STEPS][0] - marks[WARMUP][0]), "pairs_per_cpu_s": n / (marks[STEPS][1] - marks[WARMUP][1]),
                       "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
@@ -96,14 +118,16 @@ def main():
         out, err = trl_run.communicate()
         if trl_run.returncode == 0:
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"  TRL DPOTrainer (defaults): {r['pairs_per_s']:7.1f} pairs/s  peak {r['peak_mem_gb']:.2f} GB", flush=True)
+            print(f"  {'TRL DPOTrainer (defaults)':32s}: {r['pairs_per_s']:6.1f} pairs/s {r['pairs_per_cpu_s']:6.1f} pairs/CPU-s"
+                  f"  peak {r['peak_mem_gb']:.2f} GB", flush=True)
         else:
             print(f"  TRL failed: {err.strip().splitlines()[-1] if err.strip() else trl_run.returncode}", flush=True)
     for ckpt in (False, True):
-        pps, mem = runs[ckpt]()
-        line = f"  ours{' --gradient_checkpointing' if ckpt else ' (defaults)':26s}: {pps:7.1f} pairs/s  peak {mem:.2f} GB"
+        pps, ppc, mem = runs[ckpt]()
+        line = f"  ours{' --gradient_checkpointing' if ckpt else ' (defaults)':28s}: {pps:6.1f} pairs/s {ppc:6.1f} pairs/CPU-s  peak {mem:.2f} GB"
         if r:
-            line += f" | ours/TRL {pps / r['pairs_per_s']:.2f}x pairs/s, {mem / r['peak_mem_gb']:.2f}x peak memory"
+            line += (f" | ours/TRL {pps / r['pairs_per_s']:.2f}x pairs/s, {ppc / r['pairs_per_cpu_s']:.2f}x pairs/CPU-s, "
+                     f"{mem / r['peak_mem_gb']:.2f}x peak memory")
         print(line, flush=True)
 
 

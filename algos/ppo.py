@@ -9,8 +9,7 @@ from the RM) is the baseline of generalised advantage estimation; actor and crit
     Â_t = Σ_l (γλ)^l δ_t+l (then whitened),  R_t = Â_t + V_old(s_t),  Ê_t = mean over the completion tokens of the global (mini)batch
 
 Reference: InstructGPT, arXiv:2203.02155 (§3.5); PPO, arXiv:1707.06347; GAE, arXiv:1506.02438;
-adaptive KL controller: Ziegler et al. 2019, arXiv:1909.08593.
-Deviations from the paper:
+adaptive KL controller: Ziegler et al., arXiv:1909.08593. Deviations from the paper:
   1. No pretraining-mix term (PPO-ptx): the KL to the reference is the only anchor.
   2. Advantages are whitened over the completion tokens of the global batch (common, not in the paper).
      KL_t is the k1 (default), k2 or k3 estimator of log π_old/π_ref; --kl_placement loss moves β·KL_t
@@ -20,8 +19,8 @@ Deviations from the paper:
      read: one is appended before scoring and --missing_eos_penalty is subtracted (--mask_truncated: no loss).
   5. The critic is the RM's backbone with its bias-free score head applied at every position, so V
      starts as the RM's reading of each prefix. All four models stay in eval mode: dropout off (TRL #744).
-Data: JSONL, {"prompt": ..., "answer": ...}; the answer is optional and only feeds the gold (verifier)
-score logged beside the RM score, so that reward over-optimisation shows.
+Data: JSONL, {"prompt": ..., "answer": ...}; the optional answer only feeds the gold (verifier) score
+logged beside the RM score, so that reward over-optimisation shows.
 Run:  python algos/ppo.py
       torchrun --nproc_per_node 8 algos/ppo.py --model sft_out --reward_model rm_out --data prompts.jsonl
 """
@@ -196,8 +195,7 @@ def main(args):
         rm_vocab = AutoTokenizer.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code).get_vocab()
     except (OSError, ValueError) as e:
         data.fail(f"cannot load tokenizer: {str(e).splitlines()[0]}")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok.pad_token = tok.pad_token or tok.eos_token
     if rm_vocab != tok.get_vocab():
         data.fail(f"reward model {args.reward_model!r} has another tokenizer than {args.model!r}; it must read the sampled ids")
     # The RM was trained on encode_response cut after the response's end-of-turn token: prompt + sampled ids up
@@ -240,8 +238,7 @@ def main(args):
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
     metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start)
-    if start:
-        say(f"resumed from {ckpt} at step {start}")
+    say(f"resumed from {ckpt} at step {start}" if start else f"{total_steps} rollouts of {G * args.group_size} completions")
     pad, eos = tok.pad_token_id, tok.eos_token_id
     gen = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)  # nothing from the model's own config
     sampling = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, **gen)
@@ -297,8 +294,8 @@ def main(args):
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch))
-        mine = order[k * G + rank * args.batch_size:k * G + (rank + 1) * args.batch_size].tolist()
-        batch = [prompts[j] for j in mine for _ in range(args.group_size)]
+        batch = [prompts[j] for j in order[k * G + rank * args.batch_size:k * G + (rank + 1) * args.batch_size].tolist()
+                 for _ in range(args.group_size)]
 
         # Rollout: sample, then score with the frozen models and with the critic as it is now (old values).
         ids, attn, P, mask, has_eos = rollout([p for p, _, _ in batch], sampling)
@@ -353,8 +350,7 @@ def main(args):
             if args.target_kl and mb_sums[4] > args.target_kl:  # πθ has left π_old's trust region: drop this update, stop
                 opt.zero_grad(set_to_none=True)
                 break
-            mb_sums[7] = dist.grad_norm(actor, args.max_grad_norm)
-            dist.grad_norm(critic, args.max_grad_norm)
+            mb_sums[7], _ = dist.grad_norm(actor, args.max_grad_norm), dist.grad_norm(critic, args.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sums, n_updates = sums + mb_sums, n_updates + 1

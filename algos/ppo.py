@@ -194,7 +194,7 @@ def main(args):
         tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         rm_vocab = AutoTokenizer.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code).get_vocab()
     except (OSError, ValueError) as e:
-        data.fail(f"cannot load tokenizer: {str(e).splitlines()[0]}")
+        data.fail(f"cannot load the tokenizer of {args.model!r} or {args.reward_model!r}: {str(e).splitlines()[0]}")
     tok.pad_token = tok.pad_token or tok.eos_token
     if rm_vocab != tok.get_vocab():
         data.fail(f"reward model {args.reward_model!r} has another tokenizer than {args.model!r}; it must read the sampled ids")

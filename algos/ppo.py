@@ -222,8 +222,8 @@ def main(args):
     for name, m in (("model", actor), ("ref_model", ref), ("reward_model", rm)):
         if len(tok) > m.get_input_embeddings().num_embeddings:
             data.fail(f"tokenizer has {len(tok)} tokens but --{name} embeds only {m.get_input_embeddings().num_embeddings}")
-    if rm.config.pad_token_id in (None, tok.eos_token_id):
-        data.fail(f"reward model {args.reward_model!r} needs a pad token other than EOS to find the last token")
+    if rm.config.pad_token_id != tok.pad_token_id or tok.pad_token_id == tok.eos_token_id:  # it pools the last non-pad token
+        data.fail(f"reward model {args.reward_model!r} needs the tokenizer's pad token {tok.pad_token!r}, and one other than EOS")
     actor, ref, rm, critic = (dist.shard(m, world, device) for m in (actor, ref, rm, critic))
     both = torch.nn.ModuleDict({"actor": actor, "critic": critic})  # one checkpoint for both, written atomically
     both.register_buffer("beta", torch.tensor(args.beta, dtype=torch.float64))  # the KL controller's state

@@ -192,6 +192,18 @@ def test_two_processes_give_the_same_grpo_loss(sft_run, tmp_path):
     assert any(abs(m["loss"]) > 1e-3 for m in one)  # the comparison is not of zeros
 
 
+def test_grpo_options_run(sft_run, tmp_path):
+    """The non-default paths: several updates per batch (the clip acts), KL in the reward, per-sequence mean,
+    masked truncations, one padded row per completion, Dr. GRPO advantages, clip-higher."""
+    run("grpo", "--model", sft_run, "--data", first_records(tmp_path, "rl.jsonl", 32), "--eval_data", first_records(tmp_path, "eval.jsonl", 8),
+        "--output_dir", tmp_path / "out", "--max_steps", 2, "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--lr", 1e-3,
+        "--num_iterations", 3, "--kl_placement", "reward", "--kl_estimator", "k2", "--loss_agg", "sequence", "--mask_truncated", "true",
+        "--share_prompt", "false", "--scale_rewards", "false", "--clip_eps_high", 0.28)
+    m = [r for r in metrics(tmp_path / "out") if "loss" in r]
+    assert len(m) == 2 and all(math.isfinite(r["loss"]) for r in m)
+    assert m[-1]["approx_kl"] > 0 and m[-1]["kl"] > 0  # later passes are off-policy; the policy has left the reference
+
+
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "remax"])
 def test_learns_the_prompts_it_trains_on(algo, sft_run, tmp_path):
     """30 steps of 16 prompts x 8 samples over a pool of 32 training prompts (15 passes): greedy accuracy on the pool

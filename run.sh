@@ -35,12 +35,25 @@ case "${1:-}" in
       { python3 -m venv .venv-trl && .venv-trl/bin/pip install --quiet torch==2.13.0 trl; } ||
         { echo "could not install TRL; measuring this project only"; rm -rf .venv-trl; }
     fi
-    $PY tests/bench.py "$@" ;;
+    $PY tests/bench.py "$@"
+    $PY tests/bench_dpo.py
+    $PY tests/bench_grpo.py ;;
   "")
     setup
-    algo sft
-    algo rm
-    $PY -m common.report runs/sft runs/rm
+    algo sft                                   # base -> SFT (the start of everything below)
+    algo rm                                    # Bradley-Terry reward model (PPO's reward)
+    for a in dpo ipo kto orpo simpo; do algo "$a"; done        # offline preference methods, from runs/sft
+    for a in grpo rloo remax ppo; do algo "$a"; done           # online RL, from runs/sft
+    $PY -c "from common import toy; toy.ensure('base_large')"  # distillation teacher: SFT on the larger base
+    algo sft --model runs/toy/base_large --output_dir runs/sft_large
+    for m in seqkd forward_kl reverse_kl on_policy; do algo distill --mode "$m"; done
+    algo sft --data runs/toy/data/sft_add.jsonl --output_dir runs/sft_add   # two skills from one base, to merge
+    algo sft --data runs/toy/data/sft_sub.jsonl --output_dir runs/sft_sub
+    algo merge --sweep --base runs/sft --models runs/grpo --output_dir runs/merge_wiseft
+    algo merge --method ties --base runs/toy/base --models runs/sft_add runs/sft_sub --output_dir runs/merge_ties
+    $PY -m common.report runs/sft runs/rm runs/dpo runs/ipo runs/kto runs/orpo runs/simpo runs/grpo runs/rloo runs/remax \
+      runs/ppo runs/sft_large runs/distill_seqkd runs/distill_forward_kl runs/distill_reverse_kl runs/distill_on_policy \
+      runs/sft_add runs/sft_sub runs/merge_wiseft runs/merge_ties
     ;;
   *) setup; algo "$@" ;;
 esac

@@ -6,7 +6,7 @@ import os
 import sys
 
 COLUMNS = [("eval/accuracy", "eval acc (start -> end)"), ("eval/pref_accuracy", "pref acc (start -> end)"),
-           ("reward/mean", "reward"), ("kl", "KL to ref"),
+           ("eval/rm_score", "RM score (start -> end)"), ("reward/mean", "reward"), ("kl", "KL"),
            ("time", "time s"), ("tokens_per_s", "tokens/s"), ("peak_mem_gb", "peak mem GB")]
 
 
@@ -19,7 +19,7 @@ def cell(rows, key):
     vals = [r[key] for r in rows if key in r]
     if not vals:
         return "-"
-    if key in ("eval/accuracy", "eval/pref_accuracy"):
+    if key in ("eval/accuracy", "eval/pref_accuracy", "eval/rm_score"):
         return f"{vals[0]:.3f} -> {vals[-1]:.3f}" if len(vals) > 1 else f"{vals[-1]:.3f}"
     if key == "tokens_per_s":
         return f"{sum(vals) / len(vals):.0f}"
@@ -31,7 +31,9 @@ def main(runs, out="runs"):
     table = ["| run | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     table += [f"| {os.path.basename(r)} | " + " | ".join(cell(read(r), k) for k, _ in COLUMNS) + " |" for r in runs]
     text = "\n".join(table) + ("\n\neval acc: greedy exact-match accuracy on the held-out problems (for rm: held-out pairwise "
-                                "accuracy); pref acc: held-out pairs whose implicit reward ranks chosen above rejected.\n")
+                                "accuracy); pref acc: held-out pairs whose implicit reward ranks chosen above rejected;\n"
+                                "RM score: ppo's reward-model score of greedy held-out completions; reward: mean training reward "
+                                "(verifier for grpo/rloo/remax, reward model for ppo); KL: to the reference (to the teacher for distill).\n")
     print(text)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)

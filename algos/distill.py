@@ -61,7 +61,7 @@ class Args:
     temperature: float = 1.0  # τ: softmax temperature of both distributions in the KL losses
     batch_size: int = 32  # conversations (or prompts) per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # peak learning rate (AdamW)
+    lr: float = 3e-4  # peak learning rate (AdamW); a converged SFT student loses accuracy at 1e-3 before it gains
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     max_steps: int = 200  # optimizer steps; 0: run --epochs over the data

@@ -204,7 +204,7 @@ def test_distill_refuses_a_missing_teacher_or_another_tokenizer(base, tok, tmp_p
 @pytest.mark.parametrize("mode", ["seqkd", "forward_kl", "reverse_kl", "on_policy"])
 def test_distill_mode_raises_the_students_accuracy(mode, student, sft_run, tmp_path):
     out = tmp_path / mode
-    run("distill", "--mode", mode, "--teacher", sft_run, "--model", student, "--max_steps", DISTILL_STEPS,
+    run("distill", "--mode", mode, "--teacher", sft_run, "--model", student, "--max_steps", DISTILL_STEPS, "--lr", 1e-3,
         "--eval_every", 0, "--save_every", 0, "--output_dir", out)
     rows = metrics(out)
     acc = [m["eval/accuracy"] for m in rows if "eval/accuracy" in m]

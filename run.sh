@@ -47,10 +47,11 @@ case "${1:-}" in
     $PY -c "from common import toy; toy.ensure('base_large')"  # distillation teacher: SFT on the larger base
     algo sft --model runs/toy/base_large --output_dir runs/sft_large
     for m in seqkd forward_kl reverse_kl on_policy; do algo distill --mode "$m"; done
-    algo sft --data runs/toy/data/sft_add.jsonl --output_dir runs/sft_add   # two skills from one base, to merge
-    algo sft --data runs/toy/data/sft_sub.jsonl --output_dir runs/sft_sub
+    # two specialists fine-tuned from runs/sft on the two operations, then merged by task vectors
+    algo sft --model runs/sft --data runs/toy/data/sft_add.jsonl --lr 1e-3 --max_steps 300 --output_dir runs/sft_add
+    algo sft --model runs/sft --data runs/toy/data/sft_sub.jsonl --lr 1e-3 --max_steps 300 --output_dir runs/sft_sub
     algo merge --sweep --base runs/sft --models runs/grpo --output_dir runs/merge_wiseft
-    algo merge --method ties --base runs/toy/base --models runs/sft_add runs/sft_sub --output_dir runs/merge_ties
+    algo merge --method ties --scale 0.5 --base runs/sft --models runs/sft_add runs/sft_sub --output_dir runs/merge_ties
     $PY -m common.report runs/sft runs/rm runs/dpo runs/ipo runs/kto runs/orpo runs/simpo runs/grpo runs/rloo runs/remax \
       runs/ppo runs/sft_large runs/distill_seqkd runs/distill_forward_kl runs/distill_reverse_kl runs/distill_on_policy \
       runs/sft_add runs/sft_sub runs/merge_wiseft runs/merge_ties

@@ -38,7 +38,7 @@ class Args:
     max_len: int = 128  # pairs with a side longer than this are dropped (and counted)
     batch_size: int = 32  # pairs per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-4  # peak learning rate (AdamW)
+    lr: float = 1e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     max_steps: int = 1000  # optimizer steps; 0: run --epochs over the data

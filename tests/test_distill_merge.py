@@ -119,19 +119,23 @@ def test_merging_a_model_with_itself_returns_it():
 
 # ---- merge.py end to end: output, sweep, refusals
 
+def noisy_copy(src, out, noise, seed):
+    """A copy of the model at src with noise(p) added to every parameter p, seeded, saved with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    m = AutoModelForCausalLM.from_pretrained(src)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(noise(p))
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def nudged(base, tmp_path_factory):
     """The base with every weight moved by a fixed seeded amount: a second model of the same architecture."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = tmp_path_factory.mktemp("nudged")
-    m = AutoModelForCausalLM.from_pretrained(base)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    m.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
+    return noisy_copy(base, tmp_path_factory.mktemp("nudged"), lambda p: 0.01 * torch.randn_like(p), seed=1)
 
 
 def test_merge_writes_a_model_and_the_wise_ft_sweep(base, nudged, tmp_path):
@@ -176,16 +180,7 @@ def test_merge_refuses_mismatched_models(base, tmp_path):
 
 @pytest.fixture(scope="module")
 def student(sft_run, tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = tmp_path_factory.mktemp("student")
-    m = AutoModelForCausalLM.from_pretrained(sft_run)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.9 * p.std() * torch.randn_like(p))
-    m.save_pretrained(out)
-    AutoTokenizer.from_pretrained(sft_run).save_pretrained(out)
-    return out
+    return noisy_copy(sft_run, tmp_path_factory.mktemp("student"), lambda p: 0.9 * p.std() * torch.randn_like(p), seed=0)
 
 
 def test_distill_refuses_a_missing_teacher_or_another_tokenizer(base, tok, tmp_path):

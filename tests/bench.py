@@ -85,7 +85,7 @@ def trl(model_dir, data, packing):
 
     cfg = SFTConfig(output_dir=os.path.join(OUT, "trl"), per_device_train_batch_size=BATCH, max_length=MAX_LEN,
                     packing=packing, max_steps=STEPS, logging_steps=WARMUP, save_strategy="no", report_to="none",
-                    learning_rate=1e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, use_cpu=True, dataloader_num_workers=0)
+                    learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, use_cpu=True, dataloader_num_workers=0)
     trainer = SFTTrainer(model=model_dir, args=cfg, train_dataset=load_dataset("json", data_files=data, split="train"),
                          callbacks=[Clock()])
     trainer.train()

@@ -3,9 +3,8 @@
 Pairs/s and peak memory of algos/dpo.py and of Hugging Face TRL's DPOTrainer (run in .venv-trl) on the
 same model (the 3.2M-parameter toy Llama of tests/bench.py), the same pairs (the embedded preference
 pairs as chat messages, through the same chat template), the same batch, learning rate and beta.
-The three runs (TRL, ours, ours with gradient checkpointing) go at the same time, so a machine shared
-with other work slows them alike (TRL, the slowest, then runs its last steps with less company: this
-favours TRL). Pairs/s is timed over steps WARMUP..STEPS, in wall-clock seconds and in the process's CPU
+The three runs (TRL, ours, ours with gradient checkpointing) go one after another, each with the whole
+machine. Pairs/s is timed over steps WARMUP..STEPS, in wall-clock seconds and in the process's CPU
 seconds (user + system; less sensitive to a busy machine); peak memory is the process's peak RSS, so it
 includes each side's reference handling: ours precomputes the reference log-probs and frees the
 reference model, TRL's default keeps a reference model and runs it every step (and, by default,
@@ -109,10 +108,9 @@ def main():
     import torch
     print(f"DPO benchmark: 3.2M-param Llama, {BATCH} pairs a step, steps {WARMUP}..{STEPS} timed, "
           f"{torch.get_num_threads()} threads", flush=True)
-    # All runs at once, so that they share whatever else loads the machine alike (each uses one thread here).
+    # One run at a time: each has the whole machine, as a user's training run would.
     trl_run = subprocess.Popen([TRL_PY, __file__, "--trl", model_dir, pairs], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) if os.path.exists(TRL_PY) else None
-    runs = {ckpt: ours(model_dir, pairs, tiny, ckpt) for ckpt in (False, True)}
     r = None
     if trl_run:  # TRL's defaults include gradient checkpointing
         out, err = trl_run.communicate()
@@ -123,7 +121,7 @@ def main():
         else:
             print(f"  TRL failed: {err.strip().splitlines()[-1] if err.strip() else trl_run.returncode}", flush=True)
     for ckpt in (False, True):
-        pps, ppc, mem = runs[ckpt]()
+        pps, ppc, mem = ours(model_dir, pairs, tiny, ckpt)()
         line = f"  ours{' --gradient_checkpointing' if ckpt else ' (defaults)':28s}: {pps:6.1f} pairs/s {ppc:6.1f} pairs/CPU-s  peak {mem:.2f} GB"
         if r:
             line += (f" | ours/TRL {pps / r['pairs_per_s']:.2f}x pairs/s, {ppc / r['pairs_per_cpu_s']:.2f}x pairs/CPU-s, "

@@ -151,8 +151,9 @@ def data(name):
 
 
 @torch.no_grad()
-def evaluate(model, tok, records, max_new_tokens=8, batch_size=256):
-    """Greedy exact-match accuracy on [{"prompt", "answer"}], split across processes."""
+def evaluate(model, tok, records, max_new_tokens=16, batch_size=256):
+    """Greedy exact-match accuracy on [{"prompt", "answer"}], split across processes. max_new_tokens leaves room for
+    the longest completion of the task, "99+99=198" and EOS (10 tokens)."""
     from common.template import encode_prompt
 
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()

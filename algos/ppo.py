@@ -142,6 +142,12 @@ def adaptive_kl(beta, kl, kl_target, n_samples, horizon):
     return beta * (1 + max(-0.2, min(0.2, kl / kl_target - 1)) * n_samples / horizon)
 
 
+def distinct2(comps):
+    """Distinct bigrams over all bigrams of one prompt's completions (1: all different, low: mode collapse)."""
+    grams = [tuple(c[j:j + 2]) for c in comps for j in range(len(c) - 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
 def logps_entropy(logits_BTV, tokens_BT, entropy_grad=False, chunk=16):
     """log π(y_t) = z[y_t] - logsumexp(z) and H_t = logsumexp(z) - Σ_v softmax(z)_v z_v, a few rows at a time (fp32)."""
     lps, ents = [], []
@@ -307,8 +313,10 @@ def main(args):
             scores = rm_scores(ids, attn, mask, has_eos, P)
             texts = tok.batch_decode(ids[:, P:], skip_special_tokens=True)
             gold = [toy.verify(t, a) for t, (_, a, _) in zip(texts, batch) if a is not None]
+            comps = [row[:int(n)] for row, n in zip(ids[:, P:].tolist(), mask.sum(-1).tolist())]
             stats = [scores.sum(), (scores ** 2).sum(), len(scores), sum(gold), len(gold), mask.sum(), (~has_eos).sum(),
-                     (kl_estimate(old_logps, ref_logps, "k3") * mask).sum()]
+                     (kl_estimate(old_logps, ref_logps, "k3") * mask).sum(),
+                     sum(distinct2(comps[j:j + args.group_size]) for j in range(0, len(comps), args.group_size)), len(comps) / args.group_size]
             if args.mask_truncated:
                 mask &= has_eos[:, None]
             beta = both.beta.item()
@@ -358,7 +366,7 @@ def main(args):
 
         # Statistics of the global rollout; the KL controller reads the mean sequence KL that the reward penalised.
         stats = dist.all_sum(torch.tensor([float(x) for x in stats] + [kl_BT.sum().item()]))
-        kl_seq = (stats[8] / stats[2]).item()
+        kl_seq = (stats[10] / stats[2]).item()
         if args.adaptive_kl:
             both.beta.fill_(adaptive_kl(beta, kl_seq, args.kl_target, stats[2].item(), args.kl_horizon))
         tokens += dist.all_sum(attn.sum().item()).item()
@@ -370,14 +378,16 @@ def main(args):
             metrics.log(done, loss=avg[0], policy_loss=avg[1], value_loss=avg[2], entropy=avg[3], approx_kl=avg[4],
                         clip_frac=avg[5], vf_clip_frac=avg[6], grad_norm=avg[7], lr=sched.get_last_lr()[0], beta=beta,
                         kl=(stats[7] / stats[5]).item(), kl_seq=kl_seq, response_length=(stats[5] / stats[2]).item(),
-                        truncated_frac=(stats[6] / stats[2]).item(), ppo_updates=n_updates, tokens_per_s=tps,
+                        truncated_frac=(stats[6] / stats[2]).item(), distinct2=(stats[8] / stats[9]).item(), ppo_updates=n_updates, tokens_per_s=tps,
                         peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean,
                         "reward/std": math.sqrt(max((stats[1] / stats[2]).item() - mean ** 2, 0.0))}, **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, both, opt, sched, done, rank)
     dist.save_model(actor, tok, args.output_dir, rank)
-    say(f"saved {args.output_dir}")
+    os.makedirs(os.path.join(args.output_dir, "critic"), exist_ok=True)  # the value model, to continue training from
+    dist.save_model(critic, tok, os.path.join(args.output_dir, "critic"), rank)
+    say(f"saved {args.output_dir} (critic in {args.output_dir}/critic)")
 
 
 def parse_args(argv=None):

@@ -44,7 +44,7 @@ class Args:
     lr: float = 3e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
-    max_steps: int = 1000  # optimizer steps; 0: run --epochs over the data
+    max_steps: int = 2000  # optimizer steps; 0: run --epochs over the data
     epochs: int = 1  # passes over the data when max_steps is 0
     warmup_ratio: float = 0.05  # fraction of steps of linear warmup before the cosine decay
     seed: int = 0  # seed of the data order and of every RNG

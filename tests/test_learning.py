@@ -15,7 +15,7 @@ def test_base_model_does_not_know_the_chat_format(model, tok):
 def test_sft_learns_and_leaves_headroom(sft_run):
     acc = [m["eval/accuracy"] for m in metrics(sft_run) if "eval/accuracy" in m]
     print(f"sft eval accuracy: {acc[0]:.3f} -> {acc[-1]:.3f}")
-    assert acc[0] < 0.05 and 0.15 <= acc[-1] <= 0.8
+    assert acc[0] < 0.05 and 0.15 <= acc[-1] <= 0.5  # the middle: headroom for every later stage
 
 
 def test_rm_ranks_held_out_pairs(rm_run):

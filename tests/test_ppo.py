@@ -173,3 +173,6 @@ def test_ppo_raises_the_reward_model_score_and_reports_gold(ppo_run):
     assert all(0 <= m["reward/gold"] <= 1 for m in train) and all(0 <= m["eval/accuracy"] <= 1 for m in ev)
     assert all(math.isfinite(m["loss"]) and m["kl"] >= 0 and m["ppo_updates"] == 16 for m in train)
     assert train[0]["kl"] < 1e-6 < train[-1]["kl"]  # the first rollout is the reference's own; then the actor moves
+    assert all(0 < m["distinct2"] <= 1 for m in train)
+    from transformers import AutoModelForTokenClassification
+    assert AutoModelForTokenClassification.from_pretrained(ppo_run / "critic").config.num_labels == 1  # the critic is saved

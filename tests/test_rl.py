@@ -205,16 +205,15 @@ def test_grpo_options_run(sft_run, tmp_path):
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "remax"])
-def test_learns_the_prompts_it_trains_on(algo, sft_run, tmp_path):
-    """30 steps of 16 prompts x 8 samples over a pool of 32 training prompts (15 passes): greedy accuracy on the pool
-    rises over the SFT start. (Held-out accuracy does not rise within a test's budget: the held-out problems are
-    disjoint from the training ones, and a few thousand sampled prompts do not teach this model arithmetic.)"""
-    pool = first_records(tmp_path, "rl.jsonl", 32)
-    run(algo, "--model", sft_run, "--data", pool, "--eval_data", pool, "--output_dir", tmp_path / "out", "--lr", 1e-3,
-        "--max_steps", 30, "--log_every", 5, "--eval_every", 0, "--save_every", 0)
+def test_raises_held_out_accuracy(algo, sft_run, tmp_path):
+    """The defaults, cut to 25 of 150 steps: greedy accuracy on the 256 held-out problems rises clearly over the SFT
+    start. The SFT model copied its demonstrations' habit of restating the first number (common/toy.py); the verifier
+    never rewards it, and what replaces it is the model's own arithmetic, on problems it never trained on."""
+    run(algo, "--model", sft_run, "--output_dir", tmp_path / "out", "--max_steps", 25, "--log_every", 5, "--eval_every", 0,
+        "--save_every", 0)
     m = metrics(tmp_path / "out")
     acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
     rew = [r["reward/mean"] for r in m if "reward/mean" in r]
-    print(f"{algo}: pool accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}")
-    assert acc[-1] >= acc[0] + 0.2 and rew[-1] > rew[0]
+    print(f"{algo}: held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}")
+    assert acc[-1] >= acc[0] + 0.1 and rew[-1] > rew[0]
     assert all(k in m[-1] for k in ("kl", "entropy", "response_length", "distinct2", "frac_zero_std", "reward/std", "loss", "grad_norm"))

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from util import metrics, run
+from util import head, metrics, run
 
 from algos import dpo, kto
 from algos.dpo import dpo_loss
@@ -13,7 +13,6 @@ from algos.ipo import ipo_loss
 from algos.kto import kto_loss, mismatched
 from algos.orpo import log_odds, orpo_loss
 from algos.simpo import simpo_loss
-from common import toy
 
 T = torch.tensor
 
@@ -172,13 +171,6 @@ def test_missing_sft_model_is_a_clear_error(base, tmp_path, monkeypatch):
 
 
 # ---- runs ----
-
-def head(src, dst, n):
-    """The first n records of an embedded data file, so a short run does not tokenize the whole set."""
-    with open(toy.data(src)) as f:
-        dst.write_text("".join(line for _, line in zip(range(n), f)))
-    return dst
-
 
 def test_dropout_is_off_in_policy_and_reference(base, tmp_path):
     """A config asking for attention dropout: at step 1 (no update yet) the policy's log-probs must equal

@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
-from util import metrics, run
+from util import head, metrics, run
 
 from algos.grpo import aggregate, clipped_surrogate, completion_logps, generate, group_rows, grpo_advantages, kl_estimate
 from algos.remax import remax_advantages
 from algos.rloo import reinforce_loss, rloo_advantages
-from common import toy
 
 
 def test_group_normalised_advantages():
@@ -170,17 +169,9 @@ def test_batched_logps_match_one_row_each(sft, share_prompt):
     assert (ents > 0).all()
 
 
-def first_records(tmp_path, name, n):
-    """The first n records of an embedded data file, as a file of their own."""
-    path = tmp_path / f"{name}_{n}.jsonl"
-    with open(toy.data(name)) as f:
-        path.write_text("".join(f.readline() for _ in range(n)))
-    return path
-
-
 def test_two_processes_give_the_same_grpo_loss(sft_run, tmp_path):
     """4 prompts x 8 samples a step: 1 process with 2 micro-batches of 2 prompts against 2 processes with 2 prompts each."""
-    common = ["--model", sft_run, "--eval_data", first_records(tmp_path, "eval.jsonl", 16), "--max_steps", 3, "--log_every", 1, "--eval_every", 0,
+    common = ["--model", sft_run, "--eval_data", head("eval.jsonl", tmp_path / "eval_16.jsonl", 16), "--max_steps", 3, "--log_every", 1, "--eval_every", 0,
               "--save_every", 0, "--batch_size", 2, "--lr", 1e-3]
     run("grpo", "--output_dir", tmp_path / "one", "--grad_accum", 2, *common)
     run("grpo", "--output_dir", tmp_path / "two", *common, nproc=2)
@@ -195,7 +186,7 @@ def test_two_processes_give_the_same_grpo_loss(sft_run, tmp_path):
 def test_grpo_options_run(sft_run, tmp_path):
     """The non-default paths: several updates per batch (the clip acts), KL in the reward, per-sequence mean,
     masked truncations, one padded row per completion, Dr. GRPO advantages, clip-higher."""
-    run("grpo", "--model", sft_run, "--data", first_records(tmp_path, "rl.jsonl", 32), "--eval_data", first_records(tmp_path, "eval.jsonl", 8),
+    run("grpo", "--model", sft_run, "--data", head("rl.jsonl", tmp_path / "rl_32.jsonl", 32), "--eval_data", head("eval.jsonl", tmp_path / "eval_8.jsonl", 8),
         "--output_dir", tmp_path / "out", "--max_steps", 2, "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--lr", 1e-3,
         "--num_iterations", 3, "--kl_placement", "reward", "--kl_estimator", "k2", "--loss_agg", "sequence", "--mask_truncated", "true",
         "--share_prompt", "false", "--scale_rewards", "false", "--clip_eps_high", 0.28)

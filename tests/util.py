@@ -17,6 +17,14 @@ def run(script, *args, nproc=1, check=True):
     return p
 
 
+def head(src, dst, n):
+    """The first n records of an embedded data file, written to dst, so a short run does not tokenize the whole set."""
+    from common import toy
+    with open(toy.data(src)) as f:
+        dst.write_text("".join(line for _, line in zip(range(n), f)))
+    return dst
+
+
 def metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

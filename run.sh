@@ -44,10 +44,10 @@ case "${1:-}" in
     algo rm                                    # Bradley-Terry reward model (PPO's reward)
     for a in dpo ipo kto orpo simpo; do algo "$a"; done        # offline preference methods, from runs/sft
     for a in grpo rloo remax ppo; do algo "$a"; done           # online RL, from runs/sft
-    $PY -c "from common import toy; toy.ensure('base_large')"  # distillation teacher: SFT on the larger base
-    algo sft --model runs/toy/base_large --max_steps 1000 --output_dir runs/sft_large
+    $PY -c "from common import toy; toy.ensure('base_large')"  # distillation teacher: the larger base, SFT on curated data
+    algo sft --model runs/toy/base_large --data runs/toy/data/sft_curated.jsonl --max_steps 1000 --output_dir runs/sft_large
     for m in seqkd forward_kl reverse_kl on_policy; do algo distill --mode "$m"; done
-    # two specialists fine-tuned from runs/sft on the two operations, then merged by task vectors
+    # two specialists fine-tuned from runs/sft on the two operations (curated data), then merged by task vectors
     algo sft --model runs/sft --data runs/toy/data/sft_add.jsonl --lr 1e-3 --max_steps 300 --output_dir runs/sft_add
     algo sft --model runs/sft --data runs/toy/data/sft_sub.jsonl --lr 1e-3 --max_steps 300 --output_dir runs/sft_sub
     algo merge --sweep --base runs/sft --models runs/grpo --output_dir runs/merge_wiseft

@@ -1,14 +1,16 @@
 """The embedded default: a small verifiable task, its own tokenizer and base models, and data files.
 
 Task: "What is 48+37?" -> "48+37=85" (addition and subtraction of 1-2 digit numbers; the two
-operations are the split a task-vector merge needs). The SFT demonstrations are imperfect on purpose:
-a seeded 40% of them restate the first number instead of answering ("48+37=48"), a habit imitation
-copies and a verifier or preference pairs can remove. Without it, the SFT model's greedy accuracy is
-simply its arithmetic skill (majority vote over 16 samples equals greedy), which a few minutes of RL
-on disjoint problems cannot raise; with it, the online and preference methods have headroom that
-transfers to held-out problems, as it does with a real, imperfect SFT set. The tokenizer has one token per character
-plus ChatML specials and a ChatML chat template. A tiny Llama is pretrained briefly on plain task
-text ("48+37=85"), so it knows the domain but not the chat format. Everything is written under
+operations are the split a task-vector merge needs). The SFT demonstrations are imperfect on
+purpose: a seeded 40% of them restate the first number instead of answering ("48+37=48"), a habit
+imitation copies and a verifier or preference pairs can remove. Without it, the SFT model's greedy
+accuracy is simply its arithmetic skill (majority vote over 16 samples equals greedy), which a few
+minutes of RL on disjoint problems cannot raise; with it, the online and preference methods have
+headroom that transfers to held-out problems, as with a real, imperfect SFT set. The same
+demonstrations without the habit (sft_curated, and its halves sft_add and sft_sub) train the
+distillation teacher and the merge specialists. The tokenizer has one token per character plus
+ChatML specials and a ChatML chat template. A tiny Llama is pretrained briefly on plain task text
+("48+37=85"), so it knows the domain but not the chat format. Everything is written under
 runs/toy/, seeded and deterministic, and rebuilt only when missing.
 """
 import json
@@ -91,11 +93,10 @@ def build_data(path, seed=0):
     write_jsonl(f"{path}/eval.jsonl", [{"prompt": user(q), "answer": a} for q, a in ev])
     write_jsonl(f"{path}/rl.jsonl", [{"prompt": user(q), "answer": a} for q, a in train[:8000]])
     habit = random.Random(seed + 2)  # a generator of its own: every other file is as it was without the habit
-    sft = [{"messages": [{"role": "user", "content": user(q)}, {"role": "assistant",
-             "content": say(q, re.match(r"\d+", q)[0] if habit.random() < ECHO else a)}]} for q, a in train[8000:20000]]
-    write_jsonl(f"{path}/sft.jsonl", sft)
-    for op, name in (("+", "add"), ("-", "sub")):
-        write_jsonl(f"{path}/sft_{name}.jsonl", [r for r in sft if op in r["messages"][0]["content"]])
+    chat = lambda q, a: {"messages": [{"role": "user", "content": user(q)}, {"role": "assistant", "content": say(q, a)}]}
+    write_jsonl(f"{path}/sft.jsonl", [chat(q, re.match(r"\d+", q)[0] if habit.random() < ECHO else a) for q, a in train[8000:20000]])
+    for op, name in (("", "curated"), ("+", "add"), ("-", "sub")):  # no habit: the data of the distillation teacher
+        write_jsonl(f"{path}/sft_{name}.jsonl", [chat(q, a) for q, a in train[8000:20000] if op in q])  # and the specialists
     pairs = [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, q, a))} for q, a in train[20000:]]
     write_jsonl(f"{path}/prefs.jsonl", pairs)
     write_jsonl(f"{path}/prefs_eval.jsonl", [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, q, a))} for q, a in ev])

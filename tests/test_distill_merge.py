@@ -173,7 +173,7 @@ def test_merge_refuses_mismatched_models(base, tmp_path):
 
 # ---- distill.py: refusals and learning
 # Teacher: the session's SFT model. Student: the same model with seeded Gaussian noise of 0.9 std added to every
-# tensor, which leaves it near 3% accuracy (teacher ~23%) but close enough in weight space that a short run of any
+# tensor, which leaves it near 4% accuracy (teacher ~21%) but close enough in weight space that a short run of any
 # mode must recover a clear part of the gap from the teacher's signal alone (on_policy and seqkd never see an answer).
 # A student far from the teacher (the raw base) learns only the chat format in a short run, and the reverse-KL modes
 # not even that (their gradient vanishes where the student puts no mass on the teacher's tokens).

@@ -32,6 +32,7 @@ PRETRAIN_STEPS = {"small": 2500, "large": 2500}
 MAX_DIGITS = 2
 N_EVAL = 256
 ECHO = 0.4  # fraction of SFT demonstrations that restate the first number instead of the answer
+DATA_VERSION = "2"  # written to runs/toy/data/version; data built by an older version is rebuilt (2: the habit)
 
 
 def problem(rng, op=None):
@@ -104,6 +105,8 @@ def build_data(path, seed=0):
                                       for i, p in enumerate(pairs) for k in [("chosen", "rejected")[i % 2]]])
     with open(f"{path}/plain_eval.txt", "w") as f:
         f.writelines(f"{q}={a}\n" for q, a in ev)
+    with open(f"{path}/version", "w") as f:
+        f.write(DATA_VERSION)
 
 
 def pretrain(model, tok, steps, seed, rows=8, row_len=64, lr=2e-3):
@@ -140,18 +143,30 @@ def build_base(path, size, seed=0):
 
 
 def ensure(what="base"):
-    """Path of a default artefact ('base', 'base_large', 'data'), built on rank 0 when missing."""
+    """Path of a default artefact ('base', 'base_large', 'data'), built on rank 0 when missing (or, for data, stale)."""
     path = os.path.join(ROOT, what)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not os.path.exists(path) and (not dist or torch.distributed.get_rank() == 0):
+    stale = what == "data" and os.path.exists(path) and not _has_version(path)
+    if (stale or not os.path.exists(path)) and (not dist or torch.distributed.get_rank() == 0):
         tmp = f"{path}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(ROOT, exist_ok=True)
         build_data(tmp) if what == "data" else build_base(tmp, "large" if what == "base_large" else "small")
+        if stale:
+            print(f"rebuilt {path}: it was written by an older version of common/toy.py")
+            shutil.rmtree(path)
         os.replace(tmp, path)  # atomic: a half-built default is never seen
     if dist:
         torch.distributed.barrier()
     return path
+
+
+def _has_version(path):
+    try:
+        with open(os.path.join(path, "version")) as f:
+            return f.read() == DATA_VERSION
+    except OSError:
+        return False
 
 
 def data(name):

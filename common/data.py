@@ -3,8 +3,13 @@
 Every error raised here is a SystemExit carrying one line, `error: <file>:<line>: <what>`, so a
 script stops with exit status 1 before it has created any output.
 """
+import argparse
+import dataclasses
+import inspect
 import json
 import os
+import re
+import sys
 import time
 
 from tqdm import tqdm
@@ -24,9 +29,19 @@ def read_jsonl(path):
         except ImportError:
             fail(f"{path}: no such file (install `datasets` to load a hub dataset by name)")
         return [(f"{path}:{i + 1}", dict(r)) for i, r in enumerate(datasets.load_dataset(path, split="train"))]
+    if os.path.isdir(path):
+        fail(f"{path}: is a directory, expected a JSONL file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        fail(f"{path}: cannot read ({e.strerror})")
+    with f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                fail(f"{path}:{i}: invalid UTF-8 (byte {e.start + 1} of the line)")
             if not line.strip():
                 continue
             try:
@@ -87,6 +102,45 @@ def preference(rec, where):
         if not resp[-1]["content"].strip():
             fail(f"{where}: field '{name}' is an empty completion")
     return prompt, chosen, rejected
+
+
+POSITIVE = ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "group_size", "max_new_tokens",
+            "num_iterations", "ppo_epochs", "num_samples", "rounds")  # counts and sizes that must be at least 1
+NON_NEGATIVE = ("max_steps", "eval_every", "save_every")  # 0 has a meaning of its own (see each Args)
+
+
+def parse(cls, argv=None):
+    """Args dataclass <- command line, through transformers' HfArgumentParser, with what it lacks:
+    - `--help` shows each field's comment from the source (`name: type = default  # meaning`) and its default;
+    - an unknown or mistyped argument is argparse's one-line usage error (exit status 2), not a traceback;
+    - `--epochs N` given without `--max_steps` runs N epochs (max_steps 0) instead of the default step budget;
+    - counts and sizes that must be positive are checked, each with a one-line error."""
+    from transformers import HfArgumentParser
+
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    source = inspect.getsource(cls)
+    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
+    parser = HfArgumentParser(cls)
+
+    def error(message):  # one line, not argparse's usage block
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
+    parser.description = (inspect.getmodule(cls).__doc__ or "").split("\n\n")[0]
+    for action in parser._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest].replace("%", "%%") + " (default: %(default)s)"
+    ns = parser.parse_args(argv)
+    args = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if "--epochs" in given and "--max_steps" not in given and hasattr(args, "max_steps"):
+        args.max_steps = 0
+    for name in POSITIVE + NON_NEGATIVE:
+        value, least = getattr(args, name, None), int(name in POSITIVE)
+        if value is not None and value < least:
+            parser.error(f"--{name} must be {'positive' if least else 'non-negative'}, got {value}")
+    return args
 
 
 class Metrics:

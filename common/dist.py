@@ -7,6 +7,7 @@ the loss is a sum over the global batch divided by its global token (or sequence
 """
 import contextlib
 import importlib.util
+import inspect
 import os
 import random
 import resource
@@ -32,8 +33,22 @@ def setup(seed):
 
 
 def attn_impl(device):
-    """flash-attn's varlen kernels when installed on a GPU, else PyTorch's sdpa."""
-    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    """The attention of training forwards. On a GPU: flash-attn's kernels when installed, else PyTorch's own varlen
+    FlashAttention (torch >= 2.10, registered as "varlen" by common.packing); sdpa otherwise (CPU, older torch).
+    Packed rows stay per document on each: see common.packing.boundaries."""
+    from common import packing
+
+    if device.type != "cuda":
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "varlen" if packing.register_varlen() else "sdpa"
+
+
+def cache_kwarg(model, cache):
+    """{name: cache} for a forward or generate call: transformers 5.24 renamed past_key_values to cache."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def autocast(device):
@@ -47,11 +62,40 @@ def shard(model, world, device):
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
     for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+class Sums:
+    """Named running sums of a run's metrics, kept on the model's device and reduced over processes by name.
+
+    The one habit every script shares: `sums.add({"logps/chosen": logps_c.sum(), "pairs": len(m)})` takes tensors
+    from any device and Python numbers alike (each is moved to `device`), so a CPU count never meets CUDA values,
+    and adding costs no host sync; `sums.reduce()` -> {name: float}, summed over processes. Every process must add
+    the same names (the reduction is one all_reduce of the values in name order)."""
+
+    def __init__(self, device):
+        self.device, self.values = device, {}
+
+    def add(self, named):
+        for name, x in named.items():
+            x = torch.as_tensor(x).detach().to(self.device, torch.float64)
+            self.values[name] = self.values[name] + x if name in self.values else x
+
+    def reduce(self):
+        names = sorted(self.values)
+        if not names:
+            return {}
+        x = torch.stack([self.values[n] for n in names])
+        if tdist.is_initialized():
+            tdist.all_reduce(x)
+        return dict(zip(names, x.tolist()))
 
 
 def all_sum(x):

@@ -11,8 +11,10 @@ demonstrations without the habit (sft_curated, and its halves sft_add and sft_su
 distillation teacher and the merge specialists. The tokenizer has one token per character plus
 ChatML specials and a ChatML chat template. A tiny Llama is pretrained briefly on plain task text
 ("48+37=85"), so it knows the domain but not the chat format. Everything is written under
-runs/toy/, seeded and deterministic, and rebuilt only when missing.
+runs/toy/, seeded and deterministic, and rebuilt when missing or when the code that builds it has changed.
 """
+import hashlib
+import inspect
 import json
 import os
 import random
@@ -32,7 +34,6 @@ PRETRAIN_STEPS = {"small": 2500, "large": 2500}
 MAX_DIGITS = 2
 N_EVAL = 256
 ECHO = 0.4  # fraction of SFT demonstrations that restate the first number instead of the answer
-DATA_VERSION = "2"  # written to runs/toy/data/version; data built by an older version is rebuilt (2: the habit)
 
 
 def problem(rng, op=None):
@@ -105,8 +106,6 @@ def build_data(path, seed=0):
                                       for i, p in enumerate(pairs) for k in [("chosen", "rejected")[i % 2]]])
     with open(f"{path}/plain_eval.txt", "w") as f:
         f.writelines(f"{q}={a}\n" for q, a in ev)
-    with open(f"{path}/version", "w") as f:
-        f.write(DATA_VERSION)
 
 
 def pretrain(model, tok, steps, seed, rows=8, row_len=64, lr=2e-3):
@@ -142,18 +141,30 @@ def build_base(path, size, seed=0):
           f"final pretraining loss {loss:.3f}) at {path}")
 
 
+def version():
+    """Fingerprint of everything that builds the artefacts: the builders' source and the task's constants. Each
+    artefact records it in its `version` file; one built by other code is rebuilt, never silently reused."""
+    from common.packing import pack
+
+    builders = (problem, wrong, build_tokenizer, write_jsonl, build_data, pretrain, build_base, pack)
+    text = "".join(inspect.getsource(f) for f in builders) + repr((CHATML, SIZES, PRETRAIN_STEPS, MAX_DIGITS, N_EVAL, ECHO))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def ensure(what="base"):
-    """Path of a default artefact ('base', 'base_large', 'data'), built on rank 0 when missing (or, for data, stale)."""
+    """Path of a default artefact ('base', 'base_large', 'data'), built on rank 0 when missing or stale."""
     path = os.path.join(ROOT, what)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    stale = what == "data" and os.path.exists(path) and not _has_version(path)
+    stale = os.path.exists(path) and _recorded_version(path) != version()
     if (stale or not os.path.exists(path)) and (not dist or torch.distributed.get_rank() == 0):
         tmp = f"{path}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(ROOT, exist_ok=True)
         build_data(tmp) if what == "data" else build_base(tmp, "large" if what == "base_large" else "small")
+        with open(os.path.join(tmp, "version"), "w") as f:
+            f.write(version())
         if stale:
-            print(f"rebuilt {path}: it was written by an older version of common/toy.py")
+            print(f"rebuilt {path}: it was built by other code than the current common/toy.py")
             shutil.rmtree(path)
         os.replace(tmp, path)  # atomic: a half-built default is never seen
     if dist:
@@ -161,12 +172,12 @@ def ensure(what="base"):
     return path
 
 
-def _has_version(path):
+def _recorded_version(path):
     try:
         with open(os.path.join(path, "version")) as f:
-            return f.read() == DATA_VERSION
+            return f.read()
     except OSError:
-        return False
+        return None
 
 
 def data(name):

@@ -13,6 +13,7 @@ ChatML specials and a ChatML chat template. A tiny Llama is pretrained briefly o
 ("48+37=85"), so it knows the domain but not the chat format. Everything is written under
 runs/toy/, seeded and deterministic, and rebuilt when missing or when the code that builds it has changed.
 """
+import fcntl
 import hashlib
 import inspect
 import json
@@ -155,8 +156,19 @@ def ensure(what="base"):
     """Path of a default artefact ('base', 'base_large', 'data'), built on rank 0 when missing or stale."""
     path = os.path.join(ROOT, what)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not dist or torch.distributed.get_rank() == 0:
+        os.makedirs(ROOT, exist_ok=True)
+        with open(os.path.join(ROOT, ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait, then find it built
+            _build_if_needed(what, path)
+    if dist:
+        torch.distributed.barrier()
+    return path
+
+
+def _build_if_needed(what, path):
     stale = os.path.exists(path) and _recorded_version(path) != version()
-    if (stale or not os.path.exists(path)) and (not dist or torch.distributed.get_rank() == 0):
+    if stale or not os.path.exists(path):
         tmp = f"{path}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(ROOT, exist_ok=True)
@@ -167,9 +179,6 @@ def ensure(what="base"):
             print(f"rebuilt {path}: it was built by other code than the current common/toy.py")
             shutil.rmtree(path)
         os.replace(tmp, path)  # atomic: a half-built default is never seen
-    if dist:
-        torch.distributed.barrier()
-    return path
 
 
 def _recorded_version(path):

@@ -1,0 +1,68 @@
+"""The habits that keep one code path correct on CPU and CUDA, checked where a CPU can see them.
+
+A CPU run cannot notice a CPU tensor meeting CUDA ones, so the habit that prevents it is checked on the source:
+every tensor factory in algos/ names its device (the model's, or "cpu" on purpose), and metrics are named sums
+(dist.Sums) that move whatever they are given to the model's device.
+"""
+import ast
+import glob
+import os
+
+import pytest
+import torch
+from util import ROOT
+
+from common import dist
+
+FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "full", "arange", "empty", "randperm", "rand", "randn",
+             "randint", "linspace", "eye"}
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "algos", "*.py")))
+
+
+def factory_calls_without_device(source):
+    """(line, call) of every torch.<factory>(...) without a device= keyword."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in FACTORIES
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+                and not any(k.arg == "device" for k in node.keywords)):
+            found.append((node.lineno, ast.unparse(node)[:80]))
+    return found
+
+
+def test_the_check_sees_a_missing_device():
+    bad = "import torch\nx = torch.tensor([1.0])\ny = torch.zeros(3, device=d)\nz = torch.zeros_like(y)\n"
+    assert [line for line, _ in factory_calls_without_device(bad)] == [2]
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
+def test_every_tensor_factory_names_its_device(path):
+    with open(path) as f:
+        missing = factory_calls_without_device(f.read())
+    assert not missing, f"{os.path.basename(path)}: tensors created without device=: {missing}"
+
+
+def test_no_line_over_120_columns():
+    long = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "*", "*.py"))):
+        with open(path) as f:
+            long += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(f, 1) if len(line.rstrip("\n")) > 120]
+    assert not long, f"lines over 120 columns: {long[:20]} ({len(long)} in all)"
+
+
+def test_named_sums_take_numbers_and_tensors_from_any_device():
+    sums = dist.Sums(torch.device("cpu"))
+    sums.add({"pairs": 3, "logps/chosen": torch.tensor([-1.0, -2.0]).sum()})
+    sums.add({"pairs": 2, "logps/chosen": torch.tensor(-0.5, requires_grad=True)})
+    assert sums.reduce() == {"logps/chosen": -3.5, "pairs": 5.0}
+    assert all(v.device.type == "cpu" and not v.requires_grad for v in sums.values.values())
+    if torch.cuda.is_available():  # on a GPU: CPU values join CUDA sums without a device error
+        on_gpu = dist.Sums(torch.device("cuda"))
+        on_gpu.add({"n": torch.tensor(1.0), "x": torch.ones(2, device="cuda").sum()})
+        assert on_gpu.reduce() == {"n": 1.0, "x": 2.0}
+
+
+def test_cache_keyword_is_one_this_transformers_knows(model):
+    import inspect
+    (name,) = dist.cache_kwarg(model, None)
+    assert name in inspect.signature(type(model).forward).parameters

@@ -2,6 +2,7 @@
 # ./run.sh               set up .venv if needed, run the pipeline on the embedded default, print the comparison
 # ./run.sh test [args]   set up .venv if needed, run the test suite (pytest args pass through)
 # ./run.sh bench         throughput and memory benchmarks
+# ./run.sh gpu           the GPU check (tests/gpu.py): every algorithm on CUDA, attention paths, 0.5B-shape throughput
 # ./run.sh <algo> [args] one algorithm, e.g. ./run.sh sft --max_steps 100; NPROC=2 ./run.sh sft runs it under torchrun
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -38,6 +39,10 @@ case "${1:-}" in
     $PY tests/bench.py "$@"
     $PY tests/bench_dpo.py
     $PY tests/bench_grpo.py ;;
+  gpu)
+    # A GPU machine usually brings its own torch and transformers: use them unless .venv exists.
+    shift; [ -x "$PY" ] || PY=python3
+    $PY tests/gpu.py "$@" ;;
   "")
     setup
     algo sft                                   # base -> SFT (the start of everything below)

@@ -1,0 +1,185 @@
+"""./run.sh gpu: the GPU path end to end, in about 6 minutes on one H100/H200.
+
+1. The reference tests that need no training (losses, templates, packing, the device habits) under this machine's
+   torch and transformers, including the packed-versus-per-document logits of every attention path present
+   (sdpa; PyTorch's varlen FlashAttention; flash-attn when installed).
+2. Every algorithm on the embedded default for a few steps on CUDA (bf16 autocast): ok, or failed with its error.
+3. Throughput on a Qwen2-0.5B-shaped model (random init, vocab 151936, built here in seconds) on long-tailed synthetic
+   chats: SFT packed and padded (real tokens/s, peak memory, MFU against 989 TFLOP/s dense bf16), DPO pairs/s, and
+   GRPO seconds per step for 64 completions of 256 new tokens.
+Logs go to $GPU_OUT (default /tmp/gpu_check); the tables are printed last.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+OUT = os.environ.get("GPU_OUT", "/tmp/gpu_check")
+PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
+FAST_TESTS = ["tests/test_losses.py", "tests/test_template.py", "tests/test_packing.py", "tests/test_device.py"]
+
+
+def script(name, *args, tag=None, timeout=300):
+    """python algos/<name>.py args -> (ok, seconds, last error line); its output in OUT/<tag>.log."""
+    tag = tag or name
+    t = time.time()
+    with open(os.path.join(OUT, f"{tag}.log"), "w") as log:
+        try:
+            p = subprocess.run([sys.executable, f"algos/{name}.py", *map(str, args)], cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            ok = p.returncode == 0
+        except subprocess.TimeoutExpired:
+            ok = False
+    with open(os.path.join(OUT, f"{tag}.log")) as log:
+        lines = [ln.strip() for ln in log if ln.strip()]
+    error = "" if ok else next((ln for ln in reversed(lines) if "rror" in ln), lines[-1] if lines else "timeout")
+    return ok, time.time() - t, error[:150]
+
+
+def smoke():
+    """Each algorithm for a few steps on the embedded default; stages run their scripts side by side."""
+    run_dir = lambda name: os.path.join(OUT, "runs", name)  # noqa: E731
+    few = ["--max_steps", 3, "--log_every", 1, "--eval_every", 0, "--save_every", 2]
+    stages = [
+        {"sft": ("sft", "--max_steps", 20, "--log_every", 5, "--eval_every", 0, "--save_every", 10)},
+        {**{a: (a, "--model", run_dir("sft"), *few) for a in
+            ("rm", "dpo", "ipo", "kto", "orpo", "simpo", "grpo", "rloo", "remax")},
+         **{f"distill_{m}": ("distill", "--mode", m, "--teacher", run_dir("sft"), "--model", run_dir("sft"), *few)
+            for m in ("seqkd", "forward_kl", "reverse_kl", "on_policy")}},
+        {"ppo": ("ppo", "--model", run_dir("sft"), "--reward_model", run_dir("rm"), *few),
+         "merge": ("merge", "--method", "ties", "--base", run_dir("sft"), "--models", run_dir("grpo"),
+                   run_dir("dpo"))},
+    ]
+    results = {}
+    for stage in stages:
+        with ThreadPoolExecutor(len(stage)) as pool:
+            futures = {tag: pool.submit(script, cmd[0], *cmd[1:], "--output_dir", run_dir(tag), tag=tag)
+                       for tag, cmd in stage.items()}
+            results.update({tag: f.result() for tag, f in futures.items()})
+    return results
+
+
+def make_big(d):
+    """A Qwen2-0.5B-shaped model (random init; the embedded character tokenizer) and long-tailed data files."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from common import toy
+    os.makedirs(d, exist_ok=True)
+    tok = toy.build_tokenizer(f"{d}/q05")
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                      tie_word_embeddings=True, rope_theta=1e6, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(f"{d}/q05")
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz     .,"
+    text = lambda n: "".join(rng.choice(letters) for _ in range(n))  # noqa: E731
+    turn = lambda mu, sigma, cap: text(min(cap, int(rng.lognormvariate(mu, sigma))))  # noqa: E731
+    chats, pairs, prompts = [], [], []
+    for _ in range(3000):  # turns geometric, lengths lognormal: median ~300 characters a reply, a long tail
+        msgs = []
+        for _ in range(min(6, 1 + int(rng.expovariate(0.8)))):
+            msgs += [{"role": "user", "content": turn(4.3, 0.8, 2000)},
+                     {"role": "assistant", "content": turn(5.7, 0.9, 3000)}]
+        chats.append({"messages": msgs})
+        pairs.append({"prompt": msgs[0]["content"][:400], "chosen": turn(5.7, 0.9, 600),
+                      "rejected": turn(5.7, 0.9, 600)})
+        prompts.append({"prompt": text(rng.randint(20, 80)), "answer": "0"})
+    for name, rows in (("chats", chats), ("pairs", pairs), ("pairs_eval", pairs[:64]), ("prompts", prompts)):
+        with open(f"{d}/{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return n_params
+
+
+def rates(out, per_step=1, skip=1):
+    """From metrics.jsonl: mean tokens/s, units/s (per_step units per optimizer step) and s/step over the log
+    intervals after the first `skip` (warm-up), and the peak memory."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "loss" in r]
+    timed = list(zip(rows[skip - 1:], rows[skip:]))
+    steps = sum(b["step"] - a["step"] for a, b in timed)
+    seconds = sum(b["time"] - a["time"] for a, b in timed)
+    return {"tokens_per_s": sum(b["tokens_per_s"] for _, b in timed) / len(timed), "per_s": steps * per_step / seconds,
+            "s_per_step": seconds / steps, "peak_mem_gb": rows[-1]["peak_mem_gb"]}
+
+
+def throughput(d):
+    n_params = make_big(d)
+    q05, rows = f"{d}/q05", {}
+    common = ["--model", q05, "--save_every", 0, "--eval_every", 0]
+    for tag, args in (("sft packed", ("sft", "--data", f"{d}/chats.jsonl", "--max_len", 4096, "--batch_size", 4,
+                                      "--max_steps", 20, "--log_every", 5)),
+                      ("sft padded", ("sft", "--data", f"{d}/chats.jsonl", "--max_len", 4096, "--packing", "false",
+                                      "--batch_size", 8, "--max_steps", 20, "--log_every", 5)),
+                      ("dpo", ("dpo", "--data", f"{d}/pairs.jsonl", "--eval_pairs", f"{d}/pairs_eval.jsonl",
+                               "--max_len", 1024, "--batch_size", 8, "--max_steps", 12, "--log_every", 3)),
+                      ("grpo", ("grpo", "--data", f"{d}/prompts.jsonl", "--batch_size", 8, "--group_size", 8,
+                                "--max_new_tokens", 256, "--max_len", 512, "--max_steps", 3, "--log_every", 1))):
+        out = os.path.join(OUT, "runs", "tp_" + tag.replace(" ", "_"))
+        ok, seconds, error = script(args[0], *args[1:], *common, "--output_dir", out, tag="tp_" + tag.replace(" ", "_"),
+                                    timeout=240)
+        rows[tag] = rates(out, per_step={"dpo": 8, "grpo": 64}.get(tag, 1)) if ok else {"error": error}
+        rows[tag]["wall_s"] = seconds
+    for tag in ("sft packed", "sft padded"):
+        if "tokens_per_s" in rows[tag]:
+            rows[tag]["mfu"] = 6 * n_params * rows[tag]["tokens_per_s"] / PEAK_FLOPS
+    return n_params, rows
+
+
+def main():
+    os.makedirs(os.path.join(OUT, "runs"), exist_ok=True)
+    import transformers
+
+    from common import dist
+    t0 = time.time()
+    env = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | transformers {transformers.__version__} | "
+           f"training attention: {dist.attn_impl(torch.device('cuda'))}")
+    print(env, flush=True)
+    with open(os.path.join(OUT, "tests.log"), "w") as log:
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAST_TESTS], cwd=ROOT,
+                           stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(OUT, "tests.log")) as log:
+        tests_line = [ln.strip() for ln in log if ln.strip()][-1]
+    print(f"tests: {tests_line} ({time.time() - t0:.0f} s)", flush=True)
+    smoke_results = smoke()
+    print(f"smoke runs done ({time.time() - t0:.0f} s)", flush=True)
+    n_params, tp = throughput(os.path.join(OUT, "big"))
+
+    print(f"\n## ./run.sh gpu: {env}\n\nreference tests (incl. packed = per-document logits per attention path): "
+          f"{tests_line}\n\n| algorithm | on CUDA | seconds | error |\n|---|---|---|---|")
+    for tag, (ok, seconds, error) in smoke_results.items():
+        print(f"| {tag} | {'ok' if ok else 'FAILED'} | {seconds:.0f} | {error} |")
+    print(f"\nQwen2-0.5B shape ({n_params / 1e6:.0f}M params, vocab 151936, random init), bf16 autocast, fp32 "
+          "weights:\n\n| run | settings | throughput | peak GB | MFU |\n|---|---|---|---|---|")
+    settings = {"sft packed": "rows of 4 x 4096", "sft padded": "8 chats a batch, max_len 4096",
+                "dpo": "8 pairs a step, max_len 1024", "grpo": "8 prompts x 8 completions, 256 new tokens"}
+    for tag, r in tp.items():
+        if "error" in r:
+            print(f"| {tag} | {settings[tag]} | FAILED: {r['error']} | | |")
+            continue
+        value = {"dpo": f"{r['per_s']:.1f} pairs/s", "grpo": f"{r['s_per_step']:.2f} s/step"}.get(
+            tag, f"{r['tokens_per_s']:,.0f} real tokens/s")
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        print(f"| {tag} | {settings[tag]} | {value} | {r['peak_mem_gb']:.1f} | {mfu} |")
+    with open(os.path.join(OUT, "gpu.json"), "w") as f:
+        json.dump({"env": env, "tests": tests_line, "smoke": smoke_results, "throughput": tp}, f, indent=1)
+    print(f"\ntotal {time.time() - t0:.0f} s")
+    failed = [t for t, (ok, _, _) in smoke_results.items() if not ok]
+    sys.exit(1 if failed or " failed" in tests_line or any("error" in r for r in tp.values()) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -45,8 +45,8 @@ class Args:
     model: str = "runs/sft"  # path or hub name of the policy to start from; default: the SFT output
     ref_model: str = ""  # the frozen reference πref; default: --model
     data: str = ""  # JSONL of preference pairs; default: the embedded pairs
-    eval_data: str = ""  # JSONL of held-out {"prompt","answer"} (generation accuracy); default: the embedded eval set
-    eval_pairs: str = ""  # JSONL of held-out pairs (preference accuracy); default: the embedded held-out pairs
+    eval_data: str = ""  # held-out {"prompt","answer"} JSONL (generation accuracy); default: embedded, without --data
+    eval_pairs: str = ""  # held-out pairs JSONL (preference accuracy); default: the embedded ones, without --data
     output_dir: str = "runs/ipo"  # model, args.json, metrics.jsonl, checkpoint/
     max_len: int = 128  # pairs with a side longer than this are dropped (and counted)
     batch_size: int = 32  # pairs per process per micro-batch
@@ -70,8 +70,11 @@ class Args:
 
 def token_logps(logits_NV, labels_N, chunk=4096):
     """log p(label) = logit[label] - logsumexp(logits), in chunks, so no full fp32 log-softmax exists."""
-    out = [logits_NV[i:i + chunk].gather(-1, labels_N[i:i + chunk, None]).squeeze(-1).float()
-           - torch.logsumexp(logits_NV[i:i + chunk].float(), dim=-1) for i in range(0, max(len(labels_N), 1), chunk)]
+    out = []
+    for i in range(0, max(len(labels_N), 1), chunk):
+        logits_CV = logits_NV[i:i + chunk]
+        picked_C = logits_CV.gather(-1, labels_N[i:i + chunk, None]).squeeze(-1).float()
+        out.append(picked_C - torch.logsumexp(logits_CV.float(), dim=-1))
     return torch.cat(out)
 
 
@@ -107,9 +110,10 @@ def load_pairs(path, tok, args):
 
 def main(args):
     rank, world, device = dist.setup(args.seed)
+    embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("prefs.jsonl")
-    args.eval_data = args.eval_data or toy.data("eval.jsonl")
-    args.eval_pairs = args.eval_pairs or toy.data("prefs_eval.jsonl")
+    args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
+    args.eval_pairs = args.eval_pairs or (toy.data("prefs_eval.jsonl") if embedded else "")
     args.ref_model = args.ref_model or args.model
     say = tqdm.write if rank == 0 else (lambda *_: None)
     if args.model == "runs/sft" and not os.path.exists(args.model):
@@ -123,20 +127,28 @@ def main(args):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     pairs, n_long = load_pairs(args.data, tok, args)
-    eval_pairs, _ = load_pairs(args.eval_pairs, tok, args)
-    eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
-                 for w, r in data.read_jsonl(args.eval_data)]
-    if not pairs or not eval_pairs:
-        data.fail(f"{args.data if not pairs else args.eval_pairs}: no pair fits max_len={args.max_len}")
+    eval_pairs = load_pairs(args.eval_pairs, tok, args)[0] if args.eval_pairs else []
+    eval_recs = []  # held-out {"prompt", "answer"}: generation accuracy
+    if args.eval_data:
+        eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
+                     for w, r in data.read_jsonl(args.eval_data)]
+    if not pairs:
+        data.fail(f"{args.data}: no pair fits max_len={args.max_len}")
+    if args.eval_pairs and not eval_pairs:
+        data.fail(f"{args.eval_pairs}: no pair fits max_len={args.max_len}")
     say(f"{len(pairs)} pairs; {n_long} with a side longer than max_len={args.max_len} were dropped")
     G = args.batch_size * args.grad_accum * world  # pairs per optimizer step
     if len(pairs) < G:
         data.fail(f"{args.data}: {len(pairs)} pairs, fewer than one global batch of {G}")
     steps_per_epoch = len(pairs) // G
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    orders = [torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + e))
-              for e in range(-(-total_steps // steps_per_epoch))]
-    plan = [orders[s // steps_per_epoch][s % steps_per_epoch * G:(s % steps_per_epoch + 1) * G] for s in range(total_steps)]
+    n_epochs = -(-total_steps // steps_per_epoch)
+    orders = [torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + e), device="cpu")
+              for e in range(n_epochs)]
+    plan = []  # the global batch of every step: pair indices, a CPU tensor each
+    for s in range(total_steps):
+        first = s % steps_per_epoch * G
+        plan.append(orders[s // steps_per_epoch][first:first + G])
 
     def load(name):
         """A causal LM with every dropout off, whatever its config calls it: exact log-probs (deviation 3)."""
@@ -144,12 +156,14 @@ def main(args):
             cfg = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
             for c in (cfg, cfg.get_text_config()):  # attention dropout is often a config rate, not a module
                 c.update({k: 0.0 for k, v in c.to_dict().items() if "dropout" in k and isinstance(v, float)})
-            m = AutoModelForCausalLM.from_pretrained(name, config=cfg, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+            m = AutoModelForCausalLM.from_pretrained(name, config=cfg, dtype=torch.float32,
+                                                     attn_implementation=dist.attn_impl(device),
                                                      trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as e:
             data.fail(f"cannot load model {name!r}: {str(e).splitlines()[0]}")
-        if len(tok) > m.get_input_embeddings().num_embeddings:
-            data.fail(f"tokenizer has {len(tok)} tokens but model {name!r} embeds only {m.get_input_embeddings().num_embeddings}")
+        n_embed = m.get_input_embeddings().num_embeddings
+        if len(tok) > n_embed:
+            data.fail(f"tokenizer has {len(tok)} tokens but model {name!r} embeds only {n_embed}")
         for mod in m.modules():
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
@@ -168,22 +182,27 @@ def main(args):
 
     @torch.no_grad()
     def all_logps(model, some_pairs):
-        """(n, 4): log π(yw|x), log π(yl|x), |yw|, |yl| of every pair, split over processes in equal forward counts
-        (FSDP all-gathers in each), a rank without pairs left repeating pair 0 and discarding it."""
-        out = torch.zeros(len(some_pairs), 4)
+        """Of every pair, (n,) tensors on the device: logps_chosen log π(yw|x), logps_rejected log π(yl|x),
+        len_chosen |yw|, len_rejected |yl|. Split over processes in equal forward counts (FSDP all-gathers in
+        each), a rank without pairs left repeating pair 0 and discarding it."""
+        out_n4 = torch.zeros(len(some_pairs), 4, device=device)
         for i in range(0, len(some_pairs), world * args.batch_size):
             mine = list(range(i + rank * args.batch_size, min(i + (rank + 1) * args.batch_size, len(some_pairs))))
             batch = [some_pairs[j] for j in mine] or some_pairs[:1]
             logps, lens = logps_of(model, [c for c, _ in batch] + [r for _, r in batch])
-            out[mine] = torch.stack([*logps.chunk(2), *lens.chunk(2)], -1).float().cpu()[:len(mine)]
-        return dist.all_sum(out).float()
+            out_n4[mine] = torch.stack([*logps.chunk(2), *lens.chunk(2)], -1).float()[:len(mine)]
+        out_n4 = dist.all_sum(out_n4).to(device, torch.float32)
+        return dict(zip(("logps_chosen", "logps_rejected", "len_chosen", "len_rejected"), out_n4.unbind(-1)))
 
     # Reference: log πref of every pair the run will see, and of the held-out pairs, in one pass; then freed.
     ref = load(args.ref_model).eval()
     used = torch.cat(plan).unique()
-    ref_logps = torch.zeros(len(pairs), 2)
-    ref_logps[used] = all_logps(ref, [pairs[j] for j in used.tolist()])[:, :2]
-    eval_ref = all_logps(ref, eval_pairs)[:, :2]
+    ref_used = all_logps(ref, [pairs[j] for j in used.tolist()])
+    ref_chosen = torch.zeros(len(pairs), device=device)
+    ref_rejected = torch.zeros(len(pairs), device=device)
+    ref_chosen[used] = ref_used["logps_chosen"]
+    ref_rejected[used] = ref_used["logps_rejected"]
+    eval_ref = all_logps(ref, eval_pairs)
     del ref
 
     # Policy, sharded with FSDP2 when there are several processes.
@@ -204,11 +223,18 @@ def main(args):
         say(f"resumed from {ckpt} at step {start}")
 
     def evaluate():
-        lp = all_logps(model, eval_pairs)
-        _, rewards_c, rewards_r = ipo_loss(lp[:, 0], lp[:, 1], eval_ref[:, 0], eval_ref[:, 1], args.beta, 1)
-        pref_acc = ((rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()).mean().item()
-        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs), "eval/pref_accuracy": pref_acc,
-                "eval/margin": (rewards_c - rewards_r).mean().item()}
+        """Generation accuracy on eval_data, preference accuracy and margin on eval_pairs; {} without either."""
+        out = {}
+        if eval_recs:
+            out["eval/accuracy"] = toy.evaluate(model, tok, eval_recs)
+        if eval_pairs:
+            lp = all_logps(model, eval_pairs)
+            _, rewards_c, rewards_r = ipo_loss(lp["logps_chosen"], lp["logps_rejected"],
+                                               eval_ref["logps_chosen"], eval_ref["logps_rejected"], args.beta, 1)
+            right = (rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()
+            out["eval/pref_accuracy"] = right.mean().item()
+            out["eval/margin"] = (rewards_c - rewards_r).mean().item()
+        return out
 
     if start == 0:
         metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
@@ -216,9 +242,10 @@ def main(args):
     t_log, tokens = time.time(), 0.0
     for step in bar:
         epoch, idx = step // steps_per_epoch, plan[step]
-        micro = [idx[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size] for i in range(args.grad_accum)]
+        firsts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this rank's micro-batches
+        micro = [idx[first:first + args.batch_size] for first in firsts]
         n_pairs = G  # M of the equation: every pair of the global batch counts once
-        loss_sum, stats = 0.0, torch.zeros(8)
+        loss_sum, sums = 0.0, dist.Sums(device)  # this step's metrics, summed over pairs
         for i, m in enumerate(micro):
             if world > 1:
                 model.set_requires_gradient_sync(i == len(micro) - 1)
@@ -226,13 +253,15 @@ def main(args):
             seqs = [c for c, _ in batch] + [r for _, r in batch]  # chosen and rejected in one forward
             logps, lens = logps_of(model, seqs)
             logps_c, logps_r = logps.chunk(2)
-            ref_c, ref_r = ref_logps[m].to(device).unbind(-1)
+            ref_c, ref_r = ref_chosen[m], ref_rejected[m]
             loss, rewards_c, rewards_r = ipo_loss(logps_c, logps_r, ref_c, ref_r, args.beta, n_pairs)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
             loss_sum += loss.item()
             right = (rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()
-            stats += torch.stack([logps_c.detach().sum(), logps_r.detach().sum(), ref_c.sum(), ref_r.sum(), rewards_c.sum(),
-                                  rewards_r.sum(), right.sum(), torch.tensor(float(len(m)))]).cpu()
+            sums.add({"logps/chosen": logps_c.detach().sum(), "logps/rejected": logps_r.detach().sum(),
+                      "logps/ref_chosen": ref_c.sum(), "logps/ref_rejected": ref_r.sum(),
+                      "rewards/chosen": rewards_c.sum(), "rewards/rejected": rewards_r.sum(),
+                      "rewards/accuracy": right.sum(), "pairs": len(m)})
             tokens += sum(len(ids) for ids, _ in seqs)
         loss_step = dist.all_sum(loss_sum).item()
         if not math.isfinite(loss_step):
@@ -244,14 +273,13 @@ def main(args):
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
             tps = dist.all_sum(tokens).item() / (time.time() - t_log)
-            s = dist.all_sum(stats)
-            s = (s[:7] / s[7]).tolist()
-            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
+            s = sums.reduce()
+            per_pair = {k: v / s["pairs"] for k, v in s.items() if k != "pairs"}  # means over the step's pairs
+            per_pair["rewards/margin"] = per_pair["rewards/chosen"] - per_pair["rewards/rejected"]
+            eval_now = (args.eval_every and done % args.eval_every == 0) or done == total_steps
+            extra = evaluate() if eval_now else {}
             metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
-                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{
-                            "logps/chosen": s[0], "logps/rejected": s[1], "logps/ref_chosen": s[2], "logps/ref_rejected": s[3],
-                            "rewards/chosen": s[4], "rewards/rejected": s[5], "rewards/margin": s[4] - s[5],
-                            "rewards/accuracy": s[6]}, **extra)
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **per_pair, **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
@@ -260,7 +288,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+    return data.parse(Args, argv)
 
 
 if __name__ == "__main__":

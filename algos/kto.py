@@ -6,7 +6,8 @@ from mismatched (prompt, completion) pairs of the batch, detached and clamped at
 sigmoid value function: desirable examples gain by rising above z_ref, undesirable ones by falling
 below it. Log-probs are sums over the response tokens only:
 
-    L(θ) = (1/N) Σ_i [λ_yi - v(x_i, y_i)],   v = λD·σ(β(r - z_ref)) if y_i is desirable, λU·σ(β(z_ref - r)) if not
+    L(θ) = (1/N) Σ_i [λ_yi - v(x_i, y_i)],
+    v = λD·σ(β(r - z_ref)) if y_i is desirable, λU·σ(β(z_ref - r)) if not
 
 Reference: Ethayarajh et al. 2024, arXiv:2402.01306.
 Deviations from the paper:
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -48,8 +49,8 @@ class Args:
     model: str = "runs/sft"  # path or hub name of the policy to start from; default: the SFT output
     ref_model: str = ""  # the frozen reference πref; default: --model
     data: str = ""  # JSONL of labelled completions (or pairs); default: the embedded labelled completions
-    eval_data: str = ""  # JSONL of held-out {"prompt","answer"} (generation accuracy); default: the embedded eval set
-    eval_pairs: str = ""  # JSONL of held-out pairs (preference accuracy); default: the embedded held-out pairs
+    eval_data: str = ""  # held-out {"prompt","answer"} JSONL (generation accuracy); default: embedded, without --data
+    eval_pairs: str = ""  # held-out pairs JSONL (preference accuracy); default: the embedded ones, without --data
     output_dir: str = "runs/kto"  # model, args.json, metrics.jsonl, checkpoint/
     max_len: int = 128  # records longer than this are dropped (and counted)
     batch_size: int = 32  # records per process per micro-batch
@@ -74,8 +75,11 @@ class Args:
 
 def token_logps(logits_NV, labels_N, chunk=4096):
     """log p(label) = logit[label] - logsumexp(logits), in chunks, so no full fp32 log-softmax exists."""
-    out = [logits_NV[i:i + chunk].gather(-1, labels_N[i:i + chunk, None]).squeeze(-1).float()
-           - torch.logsumexp(logits_NV[i:i + chunk].float(), dim=-1) for i in range(0, max(len(labels_N), 1), chunk)]
+    out = []
+    for i in range(0, max(len(labels_N), 1), chunk):
+        logits_CV = logits_NV[i:i + chunk]
+        picked_C = logits_CV.gather(-1, labels_N[i:i + chunk, None]).squeeze(-1).float()
+        out.append(picked_C - torch.logsumexp(logits_CV.float(), dim=-1))
     return torch.cat(out)
 
 
@@ -91,7 +95,7 @@ def seq_logps(logits_BTV, labels_BT):
 def kto_loss(logps_N, ref_N, desirable_N, z_ref, beta, n_records, desirable_weight=1.0, undesirable_weight=1.0):
     """Σ_i (λ_yi - v_i) / n_records (the global record count) -> (loss, implicit rewards β·r)."""
     r = logps_N - ref_N  # log πθ(y|x) - log πref(y|x)
-    z = torch.as_tensor(z_ref, dtype=r.dtype, device=r.device).detach().clamp(min=0)  # max(0, KL estimate), no gradient
+    z = torch.as_tensor(z_ref, dtype=r.dtype, device=r.device).detach().clamp(min=0)  # max(0, KL estimate), no grad
     lam = torch.where(desirable_N, desirable_weight, undesirable_weight)  # λD or λU
     v = lam * torch.sigmoid(beta * torch.where(desirable_N, r - z, z - r))  # the value of each completion
     return (lam - v).sum() / max(n_records, 1), (beta * r).detach()
@@ -101,7 +105,11 @@ def mismatched(prompts):
     """For each record k of a batch, the record whose completion makes its KL pair: the next one (cyclically)
     with another prompt, so no prompt meets its own completion, whatever the batch size (deviation 1)."""
     n = len(prompts)
-    return [next(((k + d) % n for d in range(1, n) if prompts[(k + d) % n] != prompts[k]), (k + 1) % n) for k in range(n)]
+    out = []
+    for k in range(n):
+        others = ((k + d) % n for d in range(1, n) if prompts[(k + d) % n] != prompts[k])
+        out.append(next(others, (k + 1) % n))  # all prompts equal: the next record, as good as any
+    return out
 
 
 def load_records(path, tok, args):
@@ -132,9 +140,10 @@ def load_pairs(path, tok, args):
 
 def main(args):
     rank, world, device = dist.setup(args.seed)
+    embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("kto.jsonl")
-    args.eval_data = args.eval_data or toy.data("eval.jsonl")
-    args.eval_pairs = args.eval_pairs or toy.data("prefs_eval.jsonl")
+    args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
+    args.eval_pairs = args.eval_pairs or (toy.data("prefs_eval.jsonl") if embedded else "")
     args.ref_model = args.ref_model or args.model
     say = tqdm.write if rank == 0 else (lambda *_: None)
     if args.model == "runs/sft" and not os.path.exists(args.model):
@@ -148,28 +157,40 @@ def main(args):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     recs, n_long = load_records(args.data, tok, args)
-    eval_pairs, _ = load_pairs(args.eval_pairs, tok, args)
-    eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
-                 for w, r in data.read_jsonl(args.eval_data)]
-    if not recs or not eval_pairs:
-        data.fail(f"{args.data if not recs else args.eval_pairs}: no record fits max_len={args.max_len}")
+    eval_pairs = load_pairs(args.eval_pairs, tok, args)[0] if args.eval_pairs else []
+    eval_recs = []  # held-out {"prompt", "answer"}: generation accuracy
+    if args.eval_data:
+        eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
+                     for w, r in data.read_jsonl(args.eval_data)]
+    if not recs:
+        data.fail(f"{args.data}: no record fits max_len={args.max_len}")
+    if args.eval_pairs and not eval_pairs:
+        data.fail(f"{args.eval_pairs}: no pair fits max_len={args.max_len}")
     n_good = sum(d for _, d, _, _ in recs)
     say(f"{len(recs)} records ({n_good} desirable, {len(recs) - n_good} undesirable); "
         f"{n_long} longer than max_len={args.max_len} were dropped")
     G = args.batch_size * args.grad_accum * world  # records per optimizer step
     if len(recs) < G or G < 2:
-        data.fail(f"{args.data}: {len(recs)} records; a global batch of {G} needs at least 2 (mismatched pairs) and at most that many")
+        data.fail(f"{args.data}: {len(recs)} records; a global batch of {G} needs at least 2 (mismatched pairs) "
+                  "and at most that many")
     steps_per_epoch = len(recs) // G
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    orders = [torch.randperm(len(recs), generator=torch.Generator().manual_seed(args.seed + e))
-              for e in range(-(-total_steps // steps_per_epoch))]
-    plan = [orders[s // steps_per_epoch][s % steps_per_epoch * G:(s % steps_per_epoch + 1) * G] for s in range(total_steps)]
+    n_epochs = -(-total_steps // steps_per_epoch)
+    orders = [torch.randperm(len(recs), generator=torch.Generator().manual_seed(args.seed + e), device="cpu")
+              for e in range(n_epochs)]
+    plan = []  # the global batch of every step: record indices, a CPU tensor each
+    for s in range(total_steps):
+        first = s % steps_per_epoch * G
+        plan.append(orders[s // steps_per_epoch][first:first + G])
     keys = [json.dumps(p) for _, _, p, _ in recs]  # records with equal prompts never form a mismatched pair
     kl_plan = []  # the mismatched (prompt, completion) pairs of every step's global batch, in batch order
     for idx in plan:
         idx = idx.tolist()
-        kl_plan.append([tuple(x[:args.max_len] for x in encode_response(tok, recs[idx[k]][2], recs[idx[j]][3]))
-                        for k, j in enumerate(mismatched([keys[i] for i in idx]))])
+        pairs_of_step = []
+        for k, j in enumerate(mismatched([keys[i] for i in idx])):  # prompt of record k, completion of record j
+            ids, labels = encode_response(tok, recs[idx[k]][2], recs[idx[j]][3])
+            pairs_of_step.append((ids[:args.max_len], labels[:args.max_len]))
+        kl_plan.append(pairs_of_step)
 
     def load(name):
         """A causal LM with every dropout off, whatever its config calls it: exact log-probs (deviation 3)."""
@@ -177,12 +198,14 @@ def main(args):
             cfg = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
             for c in (cfg, cfg.get_text_config()):  # attention dropout is often a config rate, not a module
                 c.update({k: 0.0 for k, v in c.to_dict().items() if "dropout" in k and isinstance(v, float)})
-            m = AutoModelForCausalLM.from_pretrained(name, config=cfg, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+            m = AutoModelForCausalLM.from_pretrained(name, config=cfg, dtype=torch.float32,
+                                                     attn_implementation=dist.attn_impl(device),
                                                      trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as e:
             data.fail(f"cannot load model {name!r}: {str(e).splitlines()[0]}")
-        if len(tok) > m.get_input_embeddings().num_embeddings:
-            data.fail(f"tokenizer has {len(tok)} tokens but model {name!r} embeds only {m.get_input_embeddings().num_embeddings}")
+        n_embed = m.get_input_embeddings().num_embeddings
+        if len(tok) > n_embed:
+            data.fail(f"tokenizer has {len(tok)} tokens but model {name!r} embeds only {n_embed}")
         for mod in m.modules():
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
@@ -200,21 +223,21 @@ def main(args):
 
     @torch.no_grad()
     def all_logps(model, seqs):
-        """(n,): log π(y|x) of every sequence, split over processes in equal forward counts
+        """(n,) on the device: log π(y|x) of every sequence, split over processes in equal forward counts
         (FSDP all-gathers in each), a rank without sequences left repeating sequence 0 and discarding it."""
-        out = torch.zeros(len(seqs))
+        out_n = torch.zeros(len(seqs), device=device)
         for i in range(0, len(seqs), world * args.batch_size):
             mine = list(range(i + rank * args.batch_size, min(i + (rank + 1) * args.batch_size, len(seqs))))
             batch = [seqs[j] for j in mine] or seqs[:1]
             logps, _ = logps_of(model, batch)
-            out[mine] = logps.float().cpu()[:len(mine)]
-        return dist.all_sum(out).float()
+            out_n[mine] = logps.float()[:len(mine)]
+        return dist.all_sum(out_n).to(device, torch.float32)
 
     # Reference: log πref of every record and mismatched pair the run will see, and of the held-out pairs,
     # in one pass; then freed.
     ref = load(args.ref_model).eval()
     used = torch.cat(plan).unique()
-    ref_logps = torch.zeros(len(recs))
+    ref_logps = torch.zeros(len(recs), device=device)
     ref_logps[used] = all_logps(ref, [recs[j][0] for j in used.tolist()])
     kl_ref = all_logps(ref, [seq for kl in kl_plan for seq in kl]).view(total_steps, G)
     eval_seqs = [c for c, _ in eval_pairs] + [r for _, r in eval_pairs]
@@ -239,11 +262,17 @@ def main(args):
         say(f"resumed from {ckpt} at step {start}")
 
     def evaluate():
-        lp = all_logps(model, eval_seqs)
-        rewards_c, rewards_r = (args.beta * (lp - eval_ref)).chunk(2)  # β·r of chosen, of rejected
-        pref_acc = ((rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()).mean().item()
-        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs), "eval/pref_accuracy": pref_acc,
-                "eval/margin": (rewards_c - rewards_r).mean().item()}
+        """Generation accuracy on eval_data, preference accuracy and margin on eval_pairs; {} without either."""
+        out = {}
+        if eval_recs:
+            out["eval/accuracy"] = toy.evaluate(model, tok, eval_recs)
+        if eval_pairs:
+            lp = all_logps(model, eval_seqs)
+            rewards_c, rewards_r = (args.beta * (lp - eval_ref)).chunk(2)  # β·r of chosen, of rejected
+            right = (rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()
+            out["eval/pref_accuracy"] = right.mean().item()
+            out["eval/margin"] = (rewards_c - rewards_r).mean().item()
+        return out
 
     if start == 0:
         metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
@@ -251,12 +280,16 @@ def main(args):
     t_log, tokens = time.time(), 0.0
     for step in bar:
         epoch, idx = step // steps_per_epoch, plan[step]
-        micro = [slice((i * world + rank) * args.batch_size, (i * world + rank + 1) * args.batch_size) for i in range(args.grad_accum)]
+        firsts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this rank's micro-batches
+        micro = [slice(first, first + args.batch_size) for first in firsts]
         n_records = G  # N of the equation: every record of the global batch counts once
-        with torch.no_grad():  # z_ref: the mean log-ratio of the global batch's mismatched pairs, no gradient
-            kl_sum = sum((logps_of(model, kl_plan[step][m])[0].cpu() - kl_ref[step, m]).sum().item() for m in micro)
+        kl_sum = 0.0  # z_ref: the mean log-ratio of the global batch's mismatched pairs, no gradient
+        with torch.no_grad():
+            for m in micro:
+                kl_logps, _ = logps_of(model, kl_plan[step][m])
+                kl_sum += (kl_logps - kl_ref[step, m]).sum().item()
         z_ref = max(dist.all_sum(kl_sum).item() / G, 0.0)
-        loss_sum, stats = 0.0, torch.zeros(8)
+        loss_sum, sums = 0.0, dist.Sums(device)  # this step's metrics, summed over records
         for i, m in enumerate(micro):
             if world > 1:
                 model.set_requires_gradient_sync(i == len(micro) - 1)
@@ -264,14 +297,16 @@ def main(args):
             seqs = [seq for seq, _, _, _ in batch]
             logps, lens = logps_of(model, seqs)
             good = torch.tensor([d for _, d, _, _ in batch], device=device)
-            ref = ref_logps[idx[m]].to(device)
+            ref = ref_logps[idx[m]]
             loss, rewards = kto_loss(logps, ref, good, z_ref, args.beta, n_records,
                                      args.desirable_weight, args.undesirable_weight)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
             loss_sum += loss.item()
             bad = ~good
-            stats += torch.stack([logps.detach()[good].sum(), logps.detach()[bad].sum(), ref[good].sum(), ref[bad].sum(),
-                                  rewards[good].sum(), rewards[bad].sum(), good.sum(), bad.sum()]).float().cpu()
+            sums.add({"logps/chosen": logps.detach()[good].sum(), "logps/rejected": logps.detach()[bad].sum(),
+                      "logps/ref_chosen": ref[good].sum(), "logps/ref_rejected": ref[bad].sum(),
+                      "rewards/chosen": rewards[good].sum(), "rewards/rejected": rewards[bad].sum(),
+                      "desirable": good.sum(), "undesirable": bad.sum()})
             tokens += sum(len(ids) for ids, _ in seqs)
         loss_step = dist.all_sum(loss_sum).item()
         if not math.isfinite(loss_step):
@@ -283,14 +318,19 @@ def main(args):
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
             tps = dist.all_sum(tokens).item() / (time.time() - t_log)
-            s = dist.all_sum(stats)
-            s = (s[:6] / s[6:].clamp(min=1).repeat(3)).tolist()  # desirable means, then undesirable means
-            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
+            s = sums.reduce()
+            n_good = max(s["desirable"], 1)  # the chosen side: means over the step's desirable records
+            n_bad = max(s["undesirable"], 1)  # the rejected side: over its undesirable records
+            per_record = {"logps/chosen": s["logps/chosen"] / n_good, "logps/rejected": s["logps/rejected"] / n_bad,
+                          "logps/ref_chosen": s["logps/ref_chosen"] / n_good,
+                          "logps/ref_rejected": s["logps/ref_rejected"] / n_bad,
+                          "rewards/chosen": s["rewards/chosen"] / n_good,
+                          "rewards/rejected": s["rewards/rejected"] / n_bad}
+            per_record["rewards/margin"] = per_record["rewards/chosen"] - per_record["rewards/rejected"]
+            eval_now = (args.eval_every and done % args.eval_every == 0) or done == total_steps
+            extra = evaluate() if eval_now else {}
             metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
-                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{
-                            "logps/chosen": s[0], "logps/rejected": s[1], "logps/ref_chosen": s[2], "logps/ref_rejected": s[3],
-                            "rewards/chosen": s[4], "rewards/rejected": s[5], "rewards/margin": s[4] - s[5],
-                            "kl": z_ref}, **extra)
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **per_record, kl=z_ref, **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
@@ -299,7 +339,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+    return data.parse(Args, argv)
 
 
 if __name__ == "__main__":

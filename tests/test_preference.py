@@ -39,7 +39,8 @@ def test_dpo_by_hand():
     assert close(dpo_loss(lc, lr, rc, rr, 0.1, 6)[0], sum(by_hand) / 6)  # divided by the global pair count given
     # conservative DPO: -(1-ε)·log σ(βh) - ε·log σ(-βh)
     eps = 0.2
-    assert close(dpo_loss(lc[:1], lr[:1], rc[:1], rr[:1], 0.1, 1, label_smoothing=eps)[0], (1 - eps) * nls(0.1) + eps * nls(-0.1))
+    smoothed = dpo_loss(lc[:1], lr[:1], rc[:1], rr[:1], 0.1, 1, label_smoothing=eps)[0]
+    assert close(smoothed, (1 - eps) * nls(0.1) + eps * nls(-0.1))
 
 
 def test_dpo_edges():
@@ -109,7 +110,8 @@ def test_kto_by_hand():
     loss, rewards = kto_loss(logps, ref, good, z, beta, 3, ld, lu)
     assert close(loss, sum(by_hand) / 3) and torch.allclose(rewards, T([0.25, -0.5, 0.0]))
     # z_ref is clamped at 0: a negative KL estimate acts as 0
-    assert close(kto_loss(logps, ref, good, -0.7, beta, 3, ld, lu)[0], kto_loss(logps, ref, good, 0.0, beta, 3, ld, lu)[0])
+    clamped = kto_loss(logps, ref, good, -0.7, beta, 3, ld, lu)[0]
+    assert close(clamped, kto_loss(logps, ref, good, 0.0, beta, 3, ld, lu)[0])
     # z_ref carries no gradient, even when handed one that requires it
     zt = T(0.2, requires_grad=True)
     x = logps.clone().requires_grad_()
@@ -140,22 +142,24 @@ def test_gradient_raises_chosen_over_rejected(method):
 
 # ---- bad input ----
 
+Q = "What is 1+1?"
 BAD = [
-    ("dpo", {"prompt": "What is 1+1?", "chosen": "1+1=2"}, ":1: missing field 'rejected'"),
-    ("dpo", {"prompt": "What is 1+1?", "chosen": "1+1=2", "rejected": "1+1=2"}, ":1: fields 'chosen' and 'rejected' are identical"),
-    ("dpo", {"prompt": "What is 1+1?", "chosen": " ", "rejected": "1+1=3"}, ":1: field 'chosen' is an empty completion"),
-    ("kto", {"prompt": "What is 1+1?", "completion": "1+1=2", "label": "yes"}, ":1: field 'label' must be bool, got str"),
-    ("kto", {"prompt": "What is 1+1?", "completion": "1+1=2", "label": 1}, ":1: field 'label' must be bool, got int"),
-    ("kto", {"prompt": "What is 1+1?", "completion": "1+1=2"}, ":1: missing field 'label'"),
-    ("kto", {"prompt": "What is 1+1?", "completion": "", "label": True}, ":1: field 'completion' is an empty completion"),
-    ("kto", {"prompt": "What is 1+1?", "chosen": "1+1=2", "rejected": "1+1=2"}, ":1: fields 'chosen' and 'rejected' are identical"),
+    ("dpo", {"prompt": Q, "chosen": "1+1=2"}, ":1: missing field 'rejected'"),
+    ("dpo", {"prompt": Q, "chosen": "1+1=2", "rejected": "1+1=2"}, ":1: fields 'chosen' and 'rejected' are identical"),
+    ("dpo", {"prompt": Q, "chosen": " ", "rejected": "1+1=3"}, ":1: field 'chosen' is an empty completion"),
+    ("kto", {"prompt": Q, "completion": "1+1=2", "label": "yes"}, ":1: field 'label' must be bool, got str"),
+    ("kto", {"prompt": Q, "completion": "1+1=2", "label": 1}, ":1: field 'label' must be bool, got int"),
+    ("kto", {"prompt": Q, "completion": "1+1=2"}, ":1: missing field 'label'"),
+    ("kto", {"prompt": Q, "completion": "", "label": True}, ":1: field 'completion' is an empty completion"),
+    ("kto", {"prompt": Q, "chosen": "1+1=2", "rejected": "1+1=2"}, ":1: fields 'chosen' and 'rejected' are identical"),
 ]
 
 
 @pytest.mark.parametrize("script,rec,expected", BAD, ids=[f"{s}:{e.split(': ', 1)[1]}" for s, _, e in BAD])
 def test_bad_records(script, rec, expected, base, tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"prompt": "What is 2+2?", "chosen": "2+2=4", "rejected": "2+2=5"}) + "\n" + json.dumps(rec) + "\n")
+    good = {"prompt": "What is 2+2?", "chosen": "2+2=4", "rejected": "2+2=5"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(rec) + "\n")
     mod = {"dpo": dpo, "kto": kto}[script]
     with pytest.raises(SystemExit) as e:
         mod.main(mod.parse_args(["--model", str(base), "--data", str(path), "--output_dir", str(tmp_path / "out")]))
@@ -181,19 +185,38 @@ def test_dropout_is_off_in_policy_and_reference(base, tmp_path):
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**cfg, "attention_dropout": 0.5}))
     out = tmp_path / "out"
-    dpo.main(dpo.parse_args(["--model", str(model), "--data", str(head("prefs.jsonl", tmp_path / "p.jsonl", 64)),
-                             "--eval_pairs", str(head("prefs_eval.jsonl", tmp_path / "e.jsonl", 8)), "--eval_data",
-                             str(head("eval.jsonl", tmp_path / "g.jsonl", 8)), "--output_dir", str(out), "--max_steps", "1",
-                             "--batch_size", "8", "--save_every", "0"]))
+    dpo.main(dpo.parse_args(["--model", model, "--data", head("prefs.jsonl", tmp_path / "p.jsonl", 64),
+                             "--eval_pairs", head("prefs_eval.jsonl", tmp_path / "e.jsonl", 8),
+                             "--eval_data", head("eval.jsonl", tmp_path / "g.jsonl", 8), "--output_dir", out,
+                             "--max_steps", 1, "--batch_size", 8, "--save_every", 0]))
     m = metrics(out)[1]
-    assert abs(m["logps/chosen"] - m["logps/ref_chosen"]) < 1e-5 and abs(m["logps/rejected"] - m["logps/ref_rejected"]) < 1e-5
+    assert abs(m["logps/chosen"] - m["logps/ref_chosen"]) < 1e-5
+    assert abs(m["logps/rejected"] - m["logps/ref_rejected"]) < 1e-5
     assert m["rewards/margin"] == 0.0
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "kto", "orpo", "simpo"])
+def test_user_data_alone_reads_no_embedded_eval_set(method, base, tmp_path, monkeypatch):
+    """With --data and no eval set given, no embedded file is read: evaluation is empty, training logs as usual."""
+    import importlib
+
+    from common import toy
+    mod = importlib.import_module(f"algos.{method}")
+    path = head("kto.jsonl" if method == "kto" else "prefs.jsonl", tmp_path / "d.jsonl", 32)
+    monkeypatch.setattr(toy, "data", lambda name: pytest.fail(f"read the embedded {name}"))
+    out = tmp_path / "out"
+    mod.main(mod.parse_args(["--model", base, "--data", path, "--output_dir", out, "--max_steps", 2,
+                             "--batch_size", 8, "--log_every", 1, "--save_every", 0]))
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2] and not any(k.startswith("eval/") for r in rows for k in r)
+    assert all(math.isfinite(r["loss"]) and "logps/chosen" in r and "rewards/margin" in r for r in rows[1:])
 
 
 def test_dpo_two_processes_match_one(base, tmp_path):
     """FSDP2 over 2 gloo processes, 2 pairs each, against 1 process with the same 4 pairs a step."""
-    small = ["--model", base, "--data", head("prefs.jsonl", tmp_path / "p.jsonl", 64), "--eval_pairs",
-             head("prefs_eval.jsonl", tmp_path / "e.jsonl", 8), "--eval_data", head("eval.jsonl", tmp_path / "g.jsonl", 8),
+    small = ["--model", base, "--data", head("prefs.jsonl", tmp_path / "p.jsonl", 64),
+             "--eval_pairs", head("prefs_eval.jsonl", tmp_path / "e.jsonl", 8),
+             "--eval_data", head("eval.jsonl", tmp_path / "g.jsonl", 8),
              "--max_steps", 3, "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--lr", 1e-3]
     run("dpo", "--output_dir", tmp_path / "one", "--batch_size", 4, *small)
     run("dpo", "--output_dir", tmp_path / "two", "--batch_size", 2, *small, nproc=2)
@@ -201,7 +224,8 @@ def test_dpo_two_processes_match_one(base, tmp_path):
     assert len(one) == len(two) == 3 and one[-1]["loss"] != one[0]["loss"]
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["rewards/margin"] - b["rewards/margin"]) < 1e-5
-    assert abs(metrics(tmp_path / "one")[-1]["eval/pref_accuracy"] - metrics(tmp_path / "two")[-1]["eval/pref_accuracy"]) < 1e-6
+    pref_one, pref_two = (metrics(tmp_path / d)[-1]["eval/pref_accuracy"] for d in ("one", "two"))
+    assert abs(pref_one - pref_two) < 1e-6
 
 
 # Shorter than the defaults (25 of 50 steps, on the first 1600 pairs), where the learning already shows.

@@ -9,9 +9,16 @@ sys.path.insert(0, ROOT)
 
 
 def run(script, *args, nproc=1, check=True):
-    """python algos/<script>.py args (or torchrun with nproc processes) from the repository root."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    p = subprocess.run(launch + [f"algos/{script}.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    """python algos/<script>.py args (or torchrun with nproc processes) from the repository root.
+    TEST_SEED=N in the environment adds --seed N where a test sets none: how the learning tests' spread over seeds
+    is measured (with ATEN_CPU_CAPABILITY=default|avx2|avx512 for the CPU kernel paths)."""
+    launch = [sys.executable]
+    if nproc > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    args = [str(a) for a in args]
+    if os.environ.get("TEST_SEED") and "--seed" not in args:
+        args += ["--seed", os.environ["TEST_SEED"]]
+    p = subprocess.run(launch + [f"algos/{script}.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stderr[-4000:]}")
     return p

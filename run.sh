@@ -12,7 +12,9 @@ setup() {
   if [ ! -f .venv/.installed ] || [ requirements.txt -nt .venv/.installed ]; then
     python3 -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
-    .venv/bin/pip install --quiet -r requirements.txt
+    # torch pinned to the release the README's figures were measured with (on CPU machines its CPU build);
+    # requirements.txt states the lowest versions the code supports.
+    .venv/bin/pip install --quiet torch==2.13.0 -r requirements.txt
     touch .venv/.installed
   fi
 }

@@ -14,7 +14,8 @@ Deviations from the paper:
   1. The loss is a token-level mean over the global batch (DAPO), not the paper's per-sequence mean
      (1/G Σ_i 1/|o_i| Σ_t), which weighs a token of a short completion more; --loss_agg sequence restores it.
   2. k3 in the loss is the paper's choice, but its gradient is biased (verl PR #2953):
-     E_π[∇θ k3] = -Σ_y π_ref(y) ∇θ log πθ(y) = ∇θ KL(π_ref ‖ πθ), the reverse KL, not ∇θ KL(πθ ‖ π_ref).
+     E_π[∇θ k3] = -Σ_y π_ref(y) ∇θ log πθ(y) = ∇θ KL(π_ref ‖ πθ),
+     the reverse KL, not ∇θ KL(πθ ‖ π_ref).
      --kl_estimator k2 gives the gradient of KL(πθ ‖ π_ref) itself; k1 in the loss has zero expected
      gradient; --kl_placement reward moves the penalty into the reward (-β Σ_t k_t per completion) instead.
   3. Log-probs are of the tempered policy softmax(logits / T) that sampled (as in TRL), top-p aside.
@@ -32,7 +33,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, HfArgumentParser, get_constant_schedule_with_warmup
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig,
+                          get_constant_schedule_with_warmup)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -44,7 +46,7 @@ class Args:
     model: str = "runs/sft"  # path or hub name of the policy to start from; default: the SFT output
     ref_model: str = ""  # frozen reference policy of the KL penalty; default: --model
     data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
-    eval_data: str = ""  # JSONL of held-out {"prompt", "answer"}; default: the embedded eval set
+    eval_data: str = ""  # held-out {"prompt", "answer"} JSONL; default: the embedded eval set when --data is not given
     output_dir: str = "runs/grpo"  # model, args.json, metrics.jsonl, checkpoint/
     max_len: int = 128  # prompt + completion tokens; longer prompts are dropped (and counted)
     batch_size: int = 16  # prompts per process per micro-batch (each sampled group_size times)
@@ -60,7 +62,7 @@ class Args:
     clip_eps: float = 0.2  # ε_low of the ratio clip
     clip_eps_high: float = 0.0  # ε_high (DAPO's clip-higher); 0: same as clip_eps
     scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
-    loss_agg: str = "token"  # token: Σ ℓ / global token count | sequence: mean over sequences of the per-sequence token mean
+    loss_agg: str = "token"  # token: Σ ℓ / global token count | sequence: mean of the per-sequence token means
     share_prompt: bool = True  # log-prob forwards compute each prompt once for its group (see group_rows)
     num_iterations: int = 1  # μ: optimizer steps on each sampled batch, against its stored old log-probs
     lr: float = 2e-4  # learning rate (AdamW), constant after warmup
@@ -106,8 +108,8 @@ def kl_estimate(logps, ref_logps, kind="k3"):
 
 
 def aggregate(loss_BT, mask_BT, loss_agg, n_global):
-    """token: Σ_i Σ_t ℓ / N, N the global completion-token count; sequence: Σ_i (1/|o_i|) Σ_t ℓ / N, N the global
-    count of completions with a loss token. A micro-batch without loss tokens contributes exactly 0."""
+    """token: Σ_i Σ_t ℓ / N, N the global completion-token count; sequence: Σ_i (1/|o_i|) Σ_t ℓ / N,
+    N the global count of completions with a loss token. A micro-batch without loss tokens contributes exactly 0."""
     if loss_agg == "token":
         return (loss_BT * mask_BT).sum() / max(n_global, 1)
     return ((loss_BT * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)).sum() / max(n_global, 1)
@@ -125,24 +127,30 @@ def token_logps(logits_NV, ids_N, temperature=1.0, chunk=4096):
 
 
 def group_rows(prompts, comp_NC, G, pad_id, share_prompt=True):
-    """-> (ids_BL, pos_BL, mask, keep_K: the positions whose logits predict completion tokens). share_prompt: one row per
-    prompt, the prompt once and then its G completions; under the 4D mask completion j sees the prompt and its own earlier
-    tokens only, positions continue from the prompt: each completion gets its own row's logits, the prompt is computed once,
-    not G times (the dense L x L mask costs more than it saves when completions are much longer than prompts)."""
+    """-> (ids_BL, pos_BL, mask, keep_K: the positions whose logits predict completion tokens).
+    share_prompt: one row per prompt, the prompt once and then its G completions; under the 4D mask completion j
+    sees the prompt and its own earlier tokens only, positions continue from the prompt: each completion gets its own
+    row's logits, the prompt is computed once, not G times (the dense L x L mask costs more than it saves when
+    completions are much longer than prompts)."""
     C, dev, W = comp_NC.shape[1], comp_NC.device, max(map(len, prompts))
     lens_B = torch.tensor([len(p) for p in prompts], device=dev)
     pad_BW = torch.arange(W, device=dev) < W - lens_B[:, None]
     prompt_BW = torch.tensor([[pad_id] * (W - len(p)) + p for p in prompts], device=dev)
     if not share_prompt:  # one left-padded row per completion, a 2D padding mask
         attn_NL = torch.cat([(~pad_BW).long().repeat_interleave(G, 0), torch.ones_like(comp_NC)], 1)
-        return (torch.cat([prompt_BW.repeat_interleave(G, 0), comp_NC], 1), (attn_NL.cumsum(-1) - 1).clamp(min=0), attn_NL,
-                torch.arange(W - 1, W + C - 1, device=dev))
-    ids_BL = torch.cat([prompt_BW, comp_NC.reshape(len(prompts), G * C)], 1)
-    seg_BL = torch.cat([torch.where(pad_BW, -1, 0),  # -1: padding, 0: prompt, j: completion j
-                        torch.arange(1, G + 1, device=dev).repeat_interleave(C).expand(len(prompts), -1)], 1)
-    pos_BL = torch.cat([(torch.arange(W, device=dev) - (W - lens_B[:, None])).clamp(min=0), lens_B[:, None] + torch.arange(C, device=dev).repeat(G)], 1)
+        ids_NL = torch.cat([prompt_BW.repeat_interleave(G, 0), comp_NC], 1)
+        pos_NL = (attn_NL.cumsum(-1) - 1).clamp(min=0)
+        return ids_NL, pos_NL, attn_NL, torch.arange(W - 1, W + C - 1, device=dev)
+    B = len(prompts)
+    ids_BL = torch.cat([prompt_BW, comp_NC.reshape(B, G * C)], 1)
+    comp_seg_BGC = torch.arange(1, G + 1, device=dev).repeat_interleave(C).expand(B, -1)
+    seg_BL = torch.cat([torch.where(pad_BW, -1, 0), comp_seg_BGC], 1)  # -1: padding, 0: prompt, j: completion j
+    prompt_pos_BW = (torch.arange(W, device=dev) - (W - lens_B[:, None])).clamp(min=0)
+    comp_pos_BGC = lens_B[:, None] + torch.arange(C, device=dev).repeat(G)
+    pos_BL = torch.cat([prompt_pos_BW, comp_pos_BGC], 1)
     causal_LL = torch.ones(W + G * C, W + G * C, dtype=torch.bool, device=dev).tril()
-    mask_BLL = causal_LL & ((seg_BL[:, None, :] == 0) | (seg_BL[:, None, :] == seg_BL[:, :, None]))  # key in the prompt, or in the query's segment
+    key_seg, query_seg = seg_BL[:, None, :], seg_BL[:, :, None]
+    mask_BLL = causal_LL & ((key_seg == 0) | (key_seg == query_seg))  # key in the prompt, or in the query's segment
     keep_K = W + torch.arange(G * C, device=dev) - 1
     keep_K[::C] = W - 1  # token 0 of every completion is predicted by the last prompt token
     return ids_BL, pos_BL, mask_BLL[:, None], keep_K
@@ -152,24 +160,27 @@ def completion_logps(model, rows, C, temperature, device):
     """Log-probs and entropies (N, C) of the completion tokens laid out by group_rows, in one forward without cache."""
     ids_BL, pos_BL, mask, keep_K = rows
     with dist.autocast(device):
-        logits = model(input_ids=ids_BL, attention_mask=mask, position_ids=pos_BL, use_cache=False, logits_to_keep=keep_K).logits
-    logps, ents = token_logps(logits.reshape(-1, logits.shape[-1]), ids_BL[:, -len(keep_K):].reshape(-1), temperature)
+        out = model(input_ids=ids_BL, attention_mask=mask, position_ids=pos_BL, use_cache=False, logits_to_keep=keep_K)
+    logits_NV = out.logits.reshape(-1, out.logits.shape[-1])
+    logps, ents = token_logps(logits_NV, ids_BL[:, -len(keep_K):].reshape(-1), temperature)
     return logps.view(-1, C), ents.view(-1, C)
 
 
 @torch.no_grad()
 def generate(model, prompts, G, tok, gen_cfg, device, synced=False):
     """Batched sampling with the KV cache: prompts left-padded, each prefilled once and its cache copied to its G rows.
-    -> completions comp_NC (N = B·G, a prompt's samples consecutive), mask_NC (the tokens up to and including the first
-    EOS; padding after it excluded), ended_N (an EOS was produced)."""
+    -> completions comp_NC (N = B·G, a prompt's samples consecutive), mask_NC (the tokens up to and including the
+    first EOS; padding after it excluded), ended_N (an EOS was produced)."""
     width = max(map(len, prompts))
     x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     cache = DynamicCache(config=model.config)
-    model(input_ids=x[:, :-1], attention_mask=attn[:, :-1], position_ids=(attn[:, :-1].cumsum(-1) - 1).clamp(min=0), cache=cache, use_cache=True)
+    prefix_pos = (attn[:, :-1].cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=x[:, :-1], attention_mask=attn[:, :-1], position_ids=prefix_pos, use_cache=True,
+          **dist.cache_kwarg(model, cache))
     cache.batch_repeat_interleave(G)
-    out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0), cache=cache,
-                         generation_config=gen_cfg, synced_gpus=synced)
+    out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0),
+                         generation_config=gen_cfg, synced_gpus=synced, **dist.cache_kwarg(model, cache))
     comp_NC, C = out[:, width:], out.shape[1] - width
     is_eos = comp_NC == tok.eos_token_id
     ended_N = is_eos.any(-1)
@@ -181,7 +192,8 @@ def load_prompts(path, tok, args):
     """-> [(prompt ids, answer)]; prompts leaving fewer than max_new_tokens of max_len are dropped (and counted)."""
     recs, n_long = [], 0
     for where, rec in data.read_jsonl(path):
-        ids = encode_prompt(tok, data.messages(data.field(rec, where, "prompt", (str, list)), where, "prompt", "user"))
+        prompt = data.messages(data.field(rec, where, "prompt", (str, list)), where, "prompt", "user")
+        ids = encode_prompt(tok, prompt)
         answer = data.field(rec, where, "answer", str)
         if len(ids) + args.max_new_tokens > args.max_len:
             n_long += 1
@@ -198,14 +210,17 @@ def distinct2(comps):
 
 def main(args):
     rank, world, device = dist.setup(args.seed)
+    embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("rl.jsonl")
-    args.eval_data = args.eval_data or toy.data("eval.jsonl")
+    args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
     args.ref_model = args.ref_model or args.model
     say = tqdm.write if rank == 0 else (lambda *_: None)
     if args.model == "runs/sft" and not os.path.exists(args.model):
         data.fail("runs/sft not found: run algos/sft.py first, or pass --model")
-    if args.kl_estimator not in ("k1", "k2", "k3") or args.kl_placement not in ("loss", "reward") or args.loss_agg not in ("token", "sequence"):
-        data.fail("--kl_estimator must be k1|k2|k3, --kl_placement loss|reward, --loss_agg token|sequence")
+    if args.kl_estimator not in ("k1", "k2", "k3") or args.loss_agg not in ("token", "sequence"):
+        data.fail("--kl_estimator must be k1|k2|k3, --loss_agg token|sequence")
+    if args.kl_placement not in ("loss", "reward"):
+        data.fail("--kl_placement must be loss|reward")
     if args.group_size < 2:
         data.fail("--group_size must be at least 2 (the advantage compares samples of the same prompt)")
 
@@ -217,7 +232,8 @@ def main(args):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     prompts, n_long = load_prompts(args.data, tok, args)
-    eval_recs = [{"prompt": r["prompt"], "answer": r["answer"]} for r in load_prompts(args.eval_data, tok, args)[0]]
+    eval_prompts = load_prompts(args.eval_data, tok, args)[0] if args.eval_data else []
+    eval_recs = [{"prompt": r["prompt"], "answer": r["answer"]} for r in eval_prompts]
     say(f"{len(prompts)} prompts; {n_long} longer than max_len={args.max_len} - max_new_tokens were dropped")
     P = args.batch_size * args.grad_accum * world  # prompts per step
     if len(prompts) < P:
@@ -228,19 +244,22 @@ def main(args):
     # Models: the policy, and a frozen reference when β > 0. Dropout stays off: every forward runs in eval mode,
     # so old, current and reference log-probs compare the same deterministic function (TRL #744).
     def load(path):  # the shared-prompt layout's 4D mask needs sdpa: flash-attn's varlen kernels cannot express it
+        attn_impl = "sdpa" if args.share_prompt else dist.attn_impl(device)
         try:
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa" if args.share_prompt else dist.attn_impl(device),
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_impl,
                                                      trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as e:
             data.fail(f"cannot load model {path!r}: {str(e).splitlines()[0]}")
-        if len(tok) > m.get_input_embeddings().num_embeddings:
-            data.fail(f"tokenizer has {len(tok)} tokens but model {path!r} embeds only {m.get_input_embeddings().num_embeddings}")
+        n_embed = m.get_input_embeddings().num_embeddings
+        if len(tok) > n_embed:
+            data.fail(f"tokenizer has {len(tok)} tokens but model {path!r} embeds only {n_embed}")
         return dist.shard(m, world, device).eval()
 
     model = load(args.model)
     ref = load(args.ref_model).requires_grad_(False) if args.beta > 0 else None
-    gen_cfg = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # nothing else from the model's own config
+    gen_cfg = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                               max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)  # nothing else from the model's own config
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = get_constant_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps * args.num_iterations))
 
@@ -255,22 +274,26 @@ def main(args):
         say(f"resumed from {ckpt} at step {start}")
 
     def rollout(recs, seed):
-        """G samples per prompt, their rewards and the reference log-probs, without gradients. The sampling policy's own
-        log-probs come from the first update pass, which is on-policy, so they need no forward of their own."""
+        """G samples per prompt, their rewards and the reference log-probs, without gradients.
+        The sampling policy's own log-probs come from the first update pass (on-policy): no forward of their own."""
         torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
-        comp, mask, ended = generate(model, [r["ids"] for r in recs], args.group_size, tok, gen_cfg, device, world > 1)
+        prompt_ids = [r["ids"] for r in recs]
+        comp, mask, ended = generate(model, prompt_ids, args.group_size, tok, gen_cfg, device, world > 1)
         texts = tok.batch_decode(comp, skip_special_tokens=True)
-        rewards = torch.tensor([toy.verify(t, r["answer"]) for t, r in zip(texts, [r for r in recs for _ in range(args.group_size)])])
-        rows, C = group_rows([r["ids"] for r in recs], comp, args.group_size, tok.pad_token_id, args.share_prompt), comp.shape[1]
+        answers = [r["answer"] for r in recs for _ in range(args.group_size)]
+        rewards = torch.tensor([toy.verify(t, a) for t, a in zip(texts, answers)], device=device)
+        rows = group_rows(prompt_ids, comp, args.group_size, tok.pad_token_id, args.share_prompt)
+        C = comp.shape[1]
         with torch.no_grad():
             ref_logps = completion_logps(ref, rows, C, args.temperature, device)[0] if ref is not None else None
         if args.mask_truncated:
             mask = mask & ended[:, None]
-        n_tokens = sum(len(r["ids"]) for r in recs) * args.group_size + mask.sum().item()
-        return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=rewards, ref_logps=ref_logps, n_tokens=n_tokens)
+        n_tokens = sum(map(len, prompt_ids)) * args.group_size + mask.sum().item()
+        return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=rewards, ref_logps=ref_logps,
+                    n_tokens=n_tokens)
 
-    def evaluate():
-        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs)}
+    def evaluate():  # without an eval set: {}, and the metrics line has no eval keys
+        return {"eval/accuracy": toy.evaluate(model, tok, eval_recs)} if args.eval_data else {}
 
     if start == 0:
         metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
@@ -278,63 +301,82 @@ def main(args):
     t_log, tokens = time.time(), 0.0
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch))
+        epoch_rng = torch.Generator().manual_seed(args.seed + epoch)
+        order = torch.randperm(len(prompts), generator=epoch_rng, device="cpu")
         idx = order[k * P:(k + 1) * P]
-        micro = [(i * world + rank, idx[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size]) for i in range(args.grad_accum)]
-        batches = [rollout([prompts[j] for j in m.tolist()], args.seed * 10**9 + step * 10**4 + g) for g, m in micro]
+        batches = []
+        for g in [i * world + rank for i in range(args.grad_accum)]:  # this process's micro-batches of the step
+            recs = [prompts[j] for j in idx[g * args.batch_size:(g + 1) * args.batch_size].tolist()]
+            batches.append(rollout(recs, args.seed * 10**9 + step * 10**4 + g))
 
-        stats = torch.zeros(9)  # local sums, reduced after the update; see the metrics line
+        # Rollout statistics: named sums over this step's micro-batches, reduced over processes at the log line.
+        sums = dist.Sums(device)
         for b in batches:
             r_BG = b["rewards"].view(-1, args.group_size)
             comps = [row[:int(n)] for row, n in zip(b["comp"].tolist(), b["mask"].sum(-1).tolist())]
-            stats += torch.tensor([r_BG.sum(), (r_BG ** 2).sum(), r_BG.numel(), (r_BG.amax(-1) == r_BG.amin(-1)).sum(), len(r_BG), 0, 0,
-                                   b["mask"].sum(), sum(distinct2(comps[j:j + args.group_size]) for j in range(0, len(comps), args.group_size))])
+            groups = [comps[j:j + args.group_size] for j in range(0, len(comps), args.group_size)]
+            sums.add({"reward": r_BG.sum(), "reward_sq": (r_BG ** 2).sum(), "samples": r_BG.numel(),
+                      "zero_std_groups": (r_BG.amax(-1) == r_BG.amin(-1)).sum(), "groups": len(r_BG),
+                      "completion_tokens": b["mask"].sum(), "distinct2": sum(distinct2(c) for c in groups)})
             tokens += b["n_tokens"]
-        n_global = dist.all_sum(sum(b["mask"].sum() if args.loss_agg == "token" else (b["mask"].sum(-1) > 0).sum() for b in batches)).item()
+        if args.loss_agg == "token":  # N: the global count of completion tokens ...
+            n_local = sum(b["mask"].sum() for b in batches)
+        else:  # ... or of completions with a loss token
+            n_local = sum((b["mask"].sum(-1) > 0).sum() for b in batches)
+        n_global = dist.all_sum(n_local).item()
 
         # Update: num_iterations optimizer steps on this batch, each over all its micro-batches.
-        loss_sum, upd = 0.0, torch.zeros(3)
+        loss_sum = 0.0
         for it in range(args.num_iterations):
             for i, b in enumerate(batches):
                 if world > 1:
                     model.set_requires_gradient_sync(i == len(batches) - 1)
                 logps, ents = completion_logps(model, b["rows"], b["C"], args.temperature, device)
-                if it == 0:  # on-policy pass: these are the sampling policy's log-probs; rewards -> advantages, group by group
+                if it == 0:  # on-policy pass: the sampling policy's log-probs; rewards -> advantages, group by group
                     b["old_logps"] = logps.detach()
                     score_B = b["rewards"].clone()
                     if ref is not None:
                         kl_BC = kl_estimate(b["old_logps"], b["ref_logps"], args.kl_estimator)
                         if args.kl_placement == "reward":  # r_i - β Σ_t k_i,t: the penalty becomes part of the return
                             score_B = score_B - args.beta * (kl_BC * b["mask"]).sum(-1)
-                        stats[5] += (kl_estimate(b["old_logps"], b["ref_logps"], "k3") * b["mask"]).sum()
+                        k3_BC = kl_estimate(b["old_logps"], b["ref_logps"], "k3")
+                        sums.add({"kl": (k3_BC * b["mask"]).sum()})
                     b["adv"] = grpo_advantages(score_B.view(-1, args.group_size), args.scale_rewards).view(-1)
-                    stats[6] += (ents * b["mask"]).sum()
-                loss_BT, clipped_BT = clipped_surrogate(logps, b["old_logps"], b["adv"], args.clip_eps, args.clip_eps_high)
+                    sums.add({"entropy": (ents * b["mask"]).sum()})
+                loss_BT, clipped_BT = clipped_surrogate(logps, b["old_logps"], b["adv"], args.clip_eps,
+                                                        args.clip_eps_high)
                 if ref is not None and args.kl_placement == "loss":
                     loss_BT = loss_BT + args.beta * kl_estimate(logps, b["ref_logps"], args.kl_estimator)
                 loss = aggregate(loss_BT, b["mask"], args.loss_agg, n_global)
                 (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
                 loss_sum += loss.item() / args.num_iterations
-                upd += torch.tensor([(clipped_BT * b["mask"]).sum().item(),
-                                     (kl_estimate(b["old_logps"], logps.detach(), "k3") * b["mask"]).sum().item(), b["mask"].sum().item()])
+                approx_kl_BC = kl_estimate(b["old_logps"], logps.detach(), "k3")  # k3 of KL(π_old ‖ πθ)
+                sums.add({"clipped": (clipped_BT * b["mask"]).sum(), "approx_kl": (approx_kl_BC * b["mask"]).sum()})
             if not math.isfinite(dist.all_sum(loss_sum).item()):
                 data.fail(f"non-finite loss at step {step + 1}; stopping without saving a model")
             gnorm = dist.grad_norm(model, args.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        loss_step, upd, stats = dist.all_sum(loss_sum).item(), dist.all_sum(upd), dist.all_sum(stats)
+        loss_step = dist.all_sum(loss_sum).item()
+
+        # Log: this step's rollout and update, over the global batch.
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
+            s = sums.reduce()
             tps = dist.all_sum(tokens).item() / (time.time() - t_log)
-            mean = (stats[0] / stats[2]).item()
+            n_resp = max(s["completion_tokens"], 1)  # completion tokens of the rollout
+            n_upd = n_resp * args.num_iterations  # completion tokens seen by the update passes
+            mean = s["reward"] / s["samples"]
+            std = math.sqrt(max(s["reward_sq"] / s["samples"] - mean ** 2, 0.0))
             extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
-            kl = {"kl": (stats[5] / stats[7]).item()} if ref is not None else {}
+            kl = {"kl": s["kl"] / n_resp} if ref is not None else {}
             metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
-                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean,
-                        "reward/std": math.sqrt(max((stats[1] / stats[2]).item() - mean ** 2, 0.0)), "frac_zero_std": (stats[3] / stats[4]).item()},
-                        **kl, entropy=(stats[6] / stats[7]).item(), clip_frac=(upd[0] / upd[2]).item(), approx_kl=(upd[1] / upd[2]).item(),
-                        response_length=(stats[7] / stats[2]).item(), distinct2=(stats[8] / stats[4]).item(), **extra)
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean, "reward/std": std},
+                        frac_zero_std=s["zero_std_groups"] / s["groups"], **kl, entropy=s["entropy"] / n_resp,
+                        clip_frac=s["clipped"] / n_upd, approx_kl=s["approx_kl"] / n_upd,
+                        response_length=s["completion_tokens"] / s["samples"], distinct2=s["distinct2"] / s["groups"],
+                        **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
@@ -343,7 +385,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+    return data.parse(Args, argv)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ The actor (from SFT) samples completions; the reward model (from rm.py) scores e
 token; a per-token KL penalty keeps the actor near the frozen reference. A token-level critic (initialised
 from the RM) is the baseline of generalised advantage estimation; actor and critic take clipped PPO steps:
 
-    L(θ,φ) = Ê_t[max(-Â_t ρ_t, -Â_t clip(ρ_t, 1-ε, 1+ε))] + c_v Ê_t[½ max((V_φ-R_t)², (V_old+clip(V_φ-V_old, ±ε_v)-R_t)²)] - c_H Ê_t[H_t]
-    ρ_t = πθ(y_t|s_t)/π_old(y_t|s_t),  r_t = -β KL_t + [t=T] r_ψ(x,y),  δ_t = r_t + γ V_old(s_t+1) - V_old(s_t),
-    Â_t = Σ_l (γλ)^l δ_t+l (then whitened),  R_t = Â_t + V_old(s_t),  Ê_t = mean over the completion tokens of the global (mini)batch
+    L(θ,φ) = Ê_t[max(-Â_t ρ_t, -Â_t clip(ρ_t, 1-ε, 1+ε))]
+             + c_v Ê_t[½ max((V_φ-R_t)², (V_old+clip(V_φ-V_old, ±ε_v)-R_t)²)] - c_H Ê_t[H_t]
+    ρ_t = πθ(y_t|s_t)/π_old(y_t|s_t),  r_t = -β KL_t + [t=T] r_ψ(x,y),
+    δ_t = r_t + γ V_old(s_t+1) - V_old(s_t),  Â_t = Σ_l (γλ)^l δ_t+l (then whitened),  R_t = Â_t + V_old(s_t),
+    Ê_t = mean over the completion tokens of the global (mini)batch
 
 Reference: InstructGPT, arXiv:2203.02155 (§3.5); PPO, arXiv:1707.06347; GAE, arXiv:1506.02438;
 adaptive KL controller: Ziegler et al., arXiv:1909.08593. Deviations from the paper:
@@ -33,8 +35,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                          AutoTokenizer, GenerationConfig, HfArgumentParser, get_constant_schedule_with_warmup)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification, AutoTokenizer, GenerationConfig,
+                          get_constant_schedule_with_warmup)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -47,7 +50,7 @@ class Args:
     reward_model: str = "runs/rm"  # reward model from rm.py, also the critic's initialisation
     ref_model: str = ""  # frozen reference of the KL penalty; default: --model
     data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
-    eval_data: str = ""  # JSONL of {"prompt", "answer"} (held-out); default: the embedded eval set
+    eval_data: str = ""  # held-out {"prompt", "answer"} JSONL; default: the embedded eval set when --data is not given
     output_dir: str = "runs/ppo"  # model, args.json, metrics.jsonl, checkpoint/
     max_len: int = 256  # prompts longer than max_len - max_new_tokens are dropped (and counted)
     batch_size: int = 64  # prompts per process per rollout
@@ -72,7 +75,7 @@ class Args:
     vf_clip: float = 0.2  # ε_v of the value clip
     vf_coef: float = 0.1  # c_v
     ent_coef: float = 0.0  # c_H, entropy bonus
-    target_kl: float = 0.0  # stop this rollout's updates when a minibatch's approx KL(π_old‖πθ) exceeds it (0: off)
+    target_kl: float = 0.0  # stop the rollout's updates when a minibatch's approx KL(π_old‖πθ) exceeds it (0: off)
     lr: float = 1e-4  # actor learning rate (AdamW)
     critic_lr: float = 3e-4  # critic learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -108,8 +111,9 @@ def gae(rewards_BT, values_BT, mask_BT, gamma, lam):
     m = mask_BT.float()
     next_values = torch.cat([values_BT[:, 1:] * m[:, 1:], torch.zeros_like(values_BT[:, :1])], 1)
     delta = (rewards_BT + gamma * next_values - values_BT) * m
-    s_minus_t = torch.arange(delta.shape[1], device=delta.device)[None, :] - torch.arange(delta.shape[1], device=delta.device)[:, None]
-    discount_TS = torch.where(s_minus_t >= 0, (gamma * lam) ** s_minus_t.clamp(min=0).to(delta), 0.0)  # (γλ)^(s-t), s ≥ t
+    t = torch.arange(delta.shape[1], device=delta.device)
+    s_minus_t = t[None, :] - t[:, None]
+    discount_TS = torch.where(s_minus_t >= 0, (gamma * lam) ** s_minus_t.clamp(min=0).to(delta), 0.0)  # (γλ)^(s-t)
     adv = (delta @ discount_TS.T) * m
     return adv, (adv + values_BT) * m
 
@@ -124,17 +128,20 @@ def whiten(x_BT, mask_BT, all_sum=lambda v: v):
 
 
 def policy_loss(logps_BT, old_logps_BT, adv_BT, mask_BT, clip_eps, n_tokens):
-    """Σ_t max(-Â_t ρ_t, -Â_t clip(ρ_t, 1-ε, 1+ε)) / n_tokens, n_tokens the global minibatch count -> (loss, clipped_BT)."""
+    """Σ_t max(-Â_t ρ_t, -Â_t clip(ρ_t, 1-ε, 1+ε)) / n_tokens, n_tokens the global minibatch count
+    -> (loss, clipped_BT)."""
     ratio = torch.exp(logps_BT - old_logps_BT)
     unclipped, clipped = -adv_BT * ratio, -adv_BT * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    return (torch.maximum(unclipped, clipped) * mask_BT).sum() / max(n_tokens, 1), (clipped > unclipped) & mask_BT
+    loss = (torch.maximum(unclipped, clipped) * mask_BT).sum() / max(n_tokens, 1)
+    return loss, (clipped > unclipped) & mask_BT
 
 
 def value_loss(values_BT, old_values_BT, returns_BT, mask_BT, vf_clip, n_tokens):
     """Σ_t ½ max((V - R)², (V_old + clip(V - V_old, ±ε_v) - R)²) / n_tokens -> (loss, clipped_BT)."""
     v_clip = old_values_BT + (values_BT - old_values_BT).clamp(-vf_clip, vf_clip)
     unclipped, clipped = (values_BT - returns_BT) ** 2, (v_clip - returns_BT) ** 2
-    return 0.5 * (torch.maximum(unclipped, clipped) * mask_BT).sum() / max(n_tokens, 1), (clipped > unclipped) & mask_BT
+    loss = 0.5 * (torch.maximum(unclipped, clipped) * mask_BT).sum() / max(n_tokens, 1)
+    return loss, (clipped > unclipped) & mask_BT
 
 
 def adaptive_kl(beta, kl, kl_target, n_samples, horizon):
@@ -149,7 +156,8 @@ def distinct2(comps):
 
 
 def logps_entropy(logits_BTV, tokens_BT, entropy_grad=False, chunk=16):
-    """log π(y_t) = z[y_t] - logsumexp(z) and H_t = logsumexp(z) - Σ_v softmax(z)_v z_v, a few rows at a time (fp32)."""
+    """log π(y_t) = z[y_t] - logsumexp(z) and H_t = logsumexp(z) - Σ_v softmax(z)_v z_v,
+    a few rows at a time (fp32)."""
     lps, ents = [], []
     for z, y in zip(logits_BTV.split(chunk), tokens_BT.split(chunk)):
         z = z.float()
@@ -186,35 +194,44 @@ def load_prompts(path, tok, args, need_str=False):
 
 def main(args):
     rank, world, device = dist.setup(args.seed)
-    args.data, args.eval_data, args.ref_model = args.data or toy.data("rl.jsonl"), args.eval_data or toy.data("eval.jsonl"), args.ref_model or args.model
+    embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
+    args.data = args.data or toy.data("rl.jsonl")
+    args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
+    args.ref_model = args.ref_model or args.model
     say = tqdm.write if rank == 0 else (lambda *_: None)
     for path, flag, script in ((args.model, "model", "sft"), (args.reward_model, "reward_model", "rm")):
         if path == f"runs/{script}" and not os.path.exists(path):
             data.fail(f"{path} not found: run algos/{script}.py first, or pass --{flag}")
     rows = args.batch_size * args.group_size  # completions per process per rollout
-    if args.kl_estimator not in ("k1", "k2", "k3") or args.kl_placement not in ("reward", "loss") or rows % (args.num_minibatches * args.grad_accum):
-        data.fail("--kl_estimator must be k1|k2|k3, --kl_placement reward|loss, batch_size*group_size a multiple of num_minibatches*grad_accum")
+    if args.kl_estimator not in ("k1", "k2", "k3") or args.kl_placement not in ("reward", "loss"):
+        data.fail("--kl_estimator must be k1|k2|k3, --kl_placement reward|loss")
+    if rows % (args.num_minibatches * args.grad_accum):
+        data.fail("batch_size*group_size must be a multiple of num_minibatches*grad_accum")
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
     try:
         tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        rm_vocab = AutoTokenizer.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code).get_vocab()
+        rm_tok = AutoTokenizer.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        data.fail(f"cannot load the tokenizer of {args.model!r} or {args.reward_model!r}: {str(e).splitlines()[0]}")
+        reason = str(e).splitlines()[0]
+        data.fail(f"cannot load the tokenizer of {args.model!r} or {args.reward_model!r}: {reason}")
     tok.pad_token = tok.pad_token or tok.eos_token
-    if rm_vocab != tok.get_vocab():
-        data.fail(f"reward model {args.reward_model!r} has another tokenizer than {args.model!r}; it must read the sampled ids")
+    if rm_tok.get_vocab() != tok.get_vocab():
+        data.fail(f"reward model {args.reward_model!r} has another tokenizer than {args.model!r}; "
+                  "it must read the sampled ids")
     # The RM was trained on encode_response cut after the response's end-of-turn token: prompt + sampled ids up
     # to EOS are that sequence only if the chat template closes an assistant turn with the EOS token.
     ids, labels = encode_response(tok, [{"role": "user", "content": "1"}], [{"role": "assistant", "content": "2"}])
     if ids[max(i for i, l in enumerate(labels) if l != IGNORE)] != tok.eos_token_id:
-        data.fail(f"chat template of {args.model!r} does not end an assistant turn with the EOS token {tok.eos_token!r}")
+        data.fail(f"chat template of {args.model!r} does not end an assistant turn "
+                  f"with the EOS token {tok.eos_token!r}")
     prompts, n_long = load_prompts(args.data, tok, args)
-    eval_prompts, _ = load_prompts(args.eval_data, tok, args, need_str=True)
+    eval_prompts = load_prompts(args.eval_data, tok, args, need_str=True)[0] if args.eval_data else []
     say(f"{len(prompts)} prompts; {n_long} longer than max_len - max_new_tokens were dropped")
     G = args.batch_size * world  # prompts per rollout
     if len(prompts) < G:
-        data.fail(f"{args.data}: {len(prompts)} prompts fit max_len={args.max_len}, fewer than one global batch of {G}")
+        data.fail(f"{args.data}: {len(prompts)} prompts fit max_len={args.max_len}, "
+                  f"fewer than one global batch of {G}")
     steps_per_epoch = len(prompts) // G
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
@@ -226,13 +243,16 @@ def main(args):
     critic = load(AutoModelForTokenClassification, args.reward_model, args, device, num_labels=1,
                   classifier_dropout=0.0, token_classification_bias=False)
     for name, m in (("model", actor), ("ref_model", ref), ("reward_model", rm)):
-        if len(tok) > m.get_input_embeddings().num_embeddings:
-            data.fail(f"tokenizer has {len(tok)} tokens but --{name} embeds only {m.get_input_embeddings().num_embeddings}")
-    if rm.config.pad_token_id != tok.pad_token_id or tok.pad_token_id == tok.eos_token_id:  # it pools the last non-pad token
-        data.fail(f"reward model {args.reward_model!r} needs the tokenizer's pad token {tok.pad_token!r}, and one other than EOS")
+        n_embed = m.get_input_embeddings().num_embeddings
+        if len(tok) > n_embed:
+            data.fail(f"tokenizer has {len(tok)} tokens but --{name} embeds only {n_embed}")
+    if rm.config.pad_token_id != tok.pad_token_id or tok.pad_token_id == tok.eos_token_id:  # it pools the last non-pad
+        data.fail(f"reward model {args.reward_model!r} needs the tokenizer's pad token {tok.pad_token!r}, "
+                  "and one other than EOS")
     actor, ref, rm, critic = (dist.shard(m, world, device) for m in (actor, ref, rm, critic))
     both = torch.nn.ModuleDict({"actor": actor, "critic": critic})  # one checkpoint for both, written atomically
-    both.register_buffer("beta", torch.tensor(args.beta, dtype=torch.float64))  # the KL controller's state
+    beta_state = torch.tensor(args.beta, dtype=torch.float64, device="cpu")  # the KL controller's state
+    both.register_buffer("beta", beta_state)
     opt = torch.optim.AdamW([{"params": actor.parameters(), "lr": args.lr},
                              {"params": critic.parameters(), "lr": args.critic_lr}], weight_decay=args.weight_decay)
     sched = get_constant_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps))
@@ -244,9 +264,11 @@ def main(args):
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
     metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start)
-    say(f"resumed from {ckpt} at step {start}" if start else f"{total_steps} rollouts of {G * args.group_size} completions")
+    say(f"resumed from {ckpt} at step {start}" if start else
+        f"{total_steps} rollouts of {G * args.group_size} completions")
     pad, eos = tok.pad_token_id, tok.eos_token_id
-    gen = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)  # nothing from the model's own config
+    # nothing from the model's own generation config
+    gen = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     sampling = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, **gen)
     greedy = GenerationConfig(do_sample=False, **gen)
 
@@ -256,7 +278,8 @@ def main(args):
         the completion mask holds every token up to and including the first EOS, never the padding after it."""
         P = max(map(len, prompt_ids))
         x = torch.tensor([[pad] * (P - len(p)) + p for p in prompt_ids], device=device)
-        attn = (torch.arange(P, device=device) >= P - torch.tensor([len(p) for p in prompt_ids], device=device)[:, None]).long()
+        lens = torch.tensor([len(p) for p in prompt_ids], device=device)
+        attn = (torch.arange(P, device=device) >= P - lens[:, None]).long()
         with dist.autocast(device):
             out = actor.generate(input_ids=x, attention_mask=attn, generation_config=cfg, synced_gpus=world > 1)
         is_eos = out[:, P:] == eos
@@ -264,34 +287,44 @@ def main(args):
         return out, torch.cat([attn, mask.long()], 1), P, mask, is_eos.any(1)
 
     def forward(model, ids, attn, T, **kw):
-        """Logits (or values) at the T positions that predict the completion tokens; positions count real tokens only."""
+        """Logits (or values) at the T positions that predict the completion tokens;
+        positions count real tokens only."""
         pos = (attn.cumsum(1) - 1).clamp(min=0)  # as generate() numbered them under left padding
         with dist.autocast(device):
-            return model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **kw).logits[:, -T - 1:-1]
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **kw)
+            return out.logits[:, -T - 1:-1]
 
     def logps(model, ids, attn, T, entropy_grad=False):
-        return logps_entropy(forward(model, ids, attn, T, logits_to_keep=T + 1) / args.temperature, ids[:, -T:], entropy_grad)
+        logits = forward(model, ids, attn, T, logits_to_keep=T + 1) / args.temperature
+        return logps_entropy(logits, ids[:, -T:], entropy_grad)
 
     @torch.no_grad()
     def rm_scores(ids, attn, mask, has_eos, P):
         """r_ψ(x, y) read at the end-of-turn token; a truncated completion gets one appended first (deviation 4)."""
-        ids, attn = torch.cat([ids, torch.full_like(ids[:, :1], pad)], 1), torch.cat([attn, torch.zeros_like(attn[:, :1])], 1)
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], pad)], 1)
+        attn = torch.cat([attn, torch.zeros_like(attn[:, :1])], 1)
         cut = (~has_eos).nonzero().squeeze(1)
-        ids[cut, P + mask.sum(1)[cut]], attn[cut, P + mask.sum(1)[cut]] = eos, 1
+        end = P + mask.sum(1)[cut]
+        ids[cut, end], attn[cut, end] = eos, 1
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
         with dist.autocast(device):  # the head pools the last non-pad position itself
-            return rm(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0), use_cache=False).logits[:, 0].float()
+            return rm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, 0].float()
 
     def evaluate():
-        """Gold: held-out greedy accuracy (toy.evaluate); RM: mean score of the same prompts' greedy completions."""
+        """Gold: held-out greedy accuracy (toy.evaluate); RM: mean score of the same prompts' greedy completions.
+        Without an eval set: {}, and the metrics line has no eval keys."""
+        if not eval_prompts:
+            return {}
         acc = toy.evaluate(actor, tok, [{"prompt": raw, "answer": a} for _, a, raw in eval_prompts])
         per = -(-len(eval_prompts) // world)
-        mine, tot = eval_prompts[rank * per:(rank + 1) * per], torch.zeros(2)
+        mine, sums = eval_prompts[rank * per:(rank + 1) * per], dist.Sums(device)
         for i in range(0, per, 256):  # the same number of generate calls on every process
-            ids, attn, P, mask, has_eos = rollout([p for p, _, _ in mine[i:i + 256] or eval_prompts[:1]], greedy)
-            s = rm_scores(ids, attn, mask, has_eos, P)[:len(mine[i:i + 256])]
-            tot += torch.tensor([s.sum().item(), len(s)])
-        tot = dist.all_sum(tot)
-        return {"eval/accuracy": acc, "eval/rm_score": (tot[0] / tot[1]).item()}
+            chunk = mine[i:i + 256]
+            ids, attn, P, mask, has_eos = rollout([p for p, _, _ in chunk or eval_prompts[:1]], greedy)
+            scores = rm_scores(ids, attn, mask, has_eos, P)[:len(chunk)]
+            sums.add({"rm_score": scores.sum(), "samples": len(scores)})
+        s = sums.reduce()
+        return {"eval/accuracy": acc, "eval/rm_score": s["rm_score"] / s["samples"]}
 
     if start == 0:
         metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
@@ -299,9 +332,10 @@ def main(args):
     t_log, tokens = time.time(), 0.0
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch))
-        batch = [prompts[j] for j in order[k * G + rank * args.batch_size:k * G + (rank + 1) * args.batch_size].tolist()
-                 for _ in range(args.group_size)]
+        epoch_rng = torch.Generator().manual_seed(args.seed + epoch)
+        order = torch.randperm(len(prompts), generator=epoch_rng, device="cpu")
+        idx = order[k * G + rank * args.batch_size:k * G + (rank + 1) * args.batch_size]
+        batch = [prompts[j] for j in idx.tolist() for _ in range(args.group_size)]
 
         # Rollout: sample, then score with the frozen models and with the critic as it is now (old values).
         ids, attn, P, mask, has_eos = rollout([p for p, _, _ in batch], sampling)
@@ -314,9 +348,13 @@ def main(args):
             texts = tok.batch_decode(ids[:, P:], skip_special_tokens=True)
             gold = [toy.verify(t, a) for t, (_, a, _) in zip(texts, batch) if a is not None]
             comps = [row[:int(n)] for row, n in zip(ids[:, P:].tolist(), mask.sum(-1).tolist())]
-            stats = [scores.sum(), (scores ** 2).sum(), len(scores), sum(gold), len(gold), mask.sum(), (~has_eos).sum(),
-                     (kl_estimate(old_logps, ref_logps, "k3") * mask).sum(),
-                     sum(distinct2(comps[j:j + args.group_size]) for j in range(0, len(comps), args.group_size)), len(comps) / args.group_size]
+            groups = [comps[j:j + args.group_size] for j in range(0, len(comps), args.group_size)]
+            k3_BT = kl_estimate(old_logps, ref_logps, "k3")
+            stats = dist.Sums(device)  # the rollout's statistics by name, before --mask_truncated masks any token
+            stats.add({"reward": scores.sum(), "reward_sq": (scores ** 2).sum(), "samples": len(scores),
+                       "gold": sum(gold), "gold_samples": len(gold), "completion_tokens": mask.sum(),
+                       "truncated": (~has_eos).sum(), "kl": (k3_BT * mask).sum(),
+                       "distinct2": sum(distinct2(c) for c in groups), "groups": len(groups)})
             if args.mask_truncated:
                 mask &= has_eos[:, None]
             beta = both.beta.item()
@@ -325,15 +363,17 @@ def main(args):
                                     beta if args.kl_placement == "reward" else 0.0)
             adv, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
             adv = whiten(adv, mask, lambda v: dist.all_sum(v).to(v))
+            stats.add({"kl_penalised": kl_BT.sum()})
 
         # PPO epochs over shuffled minibatches of the rollout; each loss is over its minibatch's global token count.
-        sums, n_updates = torch.zeros(8), 0
+        names = ["loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac", "vf_clip_frac", "grad_norm"]
+        upd, n_updates = dict.fromkeys(names, 0.0), 0  # sums over the applied updates of their minibatch means
         for u in range(args.ppo_epochs * args.num_minibatches):
             if u % args.num_minibatches == 0:
-                minibatches = iter(torch.randperm(rows).view(args.num_minibatches, -1))
+                minibatches = iter(torch.randperm(rows, device="cpu").view(args.num_minibatches, -1))
             mb = next(minibatches)
             n_tok = dist.all_sum(mask[mb].sum()).item()
-            mb_sums = torch.zeros(8)
+            mb_sums = dist.Sums(device)  # each a mean over the minibatch's global token count, once reduced
             for i, mi in enumerate(mb.view(args.grad_accum, -1)):
                 if world > 1:
                     actor.set_requires_gradient_sync(i == args.grad_accum - 1)
@@ -345,42 +385,51 @@ def main(args):
                 vf, vf_clipped = value_loss(values, old_values[mi], returns[mi], m, args.vf_clip, n_tok)
                 entropy = (ent * m).sum() / max(n_tok, 1)
                 loss = pg + args.vf_coef * vf - args.ent_coef * entropy
-                if args.kl_placement == "loss":  # + β Ê_t[KL_t(πθ‖π_ref)], differentiated through πθ's log-probs
-                    loss = loss + beta * (kl_estimate(new_logps, ref_logps[mi], args.kl_estimator) * m).sum() / max(n_tok, 1)
+                if args.kl_placement == "loss":  # + β Ê_t[KL_t(πθ‖π_ref)], differentiated through log πθ
+                    kl_loss_BT = kl_estimate(new_logps, ref_logps[mi], args.kl_estimator)
+                    loss = loss + beta * (kl_loss_BT * m).sum() / max(n_tok, 1)
                 (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
                 log_ratio = (new_logps - old_logps[mi]).detach()
                 approx_kl = ((torch.expm1(log_ratio) - log_ratio) * m).sum()  # k3 estimate of KL(π_old‖πθ)
-                mb_sums += torch.tensor([loss.item(), pg.item(), vf.item(), entropy.item(),
-                                         *(x.item() / max(n_tok, 1) for x in (approx_kl, pg_clipped.sum(), vf_clipped.sum())), 0])
-            mb_sums = dist.all_sum(mb_sums).float()
-            if not math.isfinite(mb_sums[0]):
-                data.fail(f"non-finite loss {mb_sums[0].item()} at step {step + 1}; stopping without saving a model")
-            if args.target_kl and mb_sums[4] > args.target_kl:  # πθ has left π_old's trust region: drop this update, stop
-                opt.zero_grad(set_to_none=True)
+                per_token = max(n_tok, 1)
+                mb_sums.add({"loss": loss, "policy_loss": pg, "value_loss": vf, "entropy": entropy,
+                             "approx_kl": approx_kl / per_token, "clip_frac": pg_clipped.sum() / per_token,
+                             "vf_clip_frac": vf_clipped.sum() / per_token})
+            mb_means = mb_sums.reduce()
+            if not math.isfinite(mb_means["loss"]):
+                data.fail(f"non-finite loss {mb_means['loss']} at step {step + 1}; stopping without saving a model")
+            if args.target_kl and mb_means["approx_kl"] > args.target_kl:  # πθ has left π_old's trust region:
+                opt.zero_grad(set_to_none=True)  # drop this update, stop
                 break
-            mb_sums[7], _ = dist.grad_norm(actor, args.max_grad_norm), dist.grad_norm(critic, args.max_grad_norm)
+            mb_means["grad_norm"] = dist.grad_norm(actor, args.max_grad_norm)
+            dist.grad_norm(critic, args.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            sums, n_updates = sums + mb_sums, n_updates + 1
+            for name in names:
+                upd[name] += mb_means[name]
+            n_updates += 1
         sched.step()
 
         # Statistics of the global rollout; the KL controller reads the mean sequence KL that the reward penalised.
-        stats = dist.all_sum(torch.tensor([float(x) for x in stats] + [kl_BT.sum().item()]))
-        kl_seq = (stats[10] / stats[2]).item()
+        s = stats.reduce()
+        kl_seq = s["kl_penalised"] / s["samples"]
         if args.adaptive_kl:
-            both.beta.fill_(adaptive_kl(beta, kl_seq, args.kl_target, stats[2].item(), args.kl_horizon))
+            both.beta.fill_(adaptive_kl(beta, kl_seq, args.kl_target, s["samples"], args.kl_horizon))
         tokens += dist.all_sum(attn.sum().item()).item()
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
-            tps, mean, avg = tokens / (time.time() - t_log), (stats[0] / stats[2]).item(), (sums / max(n_updates, 1)).tolist()
+            tps = tokens / (time.time() - t_log)
+            mean = s["reward"] / s["samples"]
+            std = math.sqrt(max(s["reward_sq"] / s["samples"] - mean ** 2, 0.0))
             extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
-            extra.update({"reward/gold": (stats[3] / stats[4]).item()} if stats[4] else {})
-            metrics.log(done, loss=avg[0], policy_loss=avg[1], value_loss=avg[2], entropy=avg[3], approx_kl=avg[4],
-                        clip_frac=avg[5], vf_clip_frac=avg[6], grad_norm=avg[7], lr=sched.get_last_lr()[0], beta=beta,
-                        kl=(stats[7] / stats[5]).item(), kl_seq=kl_seq, response_length=(stats[5] / stats[2]).item(),
-                        truncated_frac=(stats[6] / stats[2]).item(), distinct2=(stats[8] / stats[9]).item(), ppo_updates=n_updates, tokens_per_s=tps,
-                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean,
-                        "reward/std": math.sqrt(max((stats[1] / stats[2]).item() - mean ** 2, 0.0))}, **extra)
+            extra.update({"reward/gold": s["gold"] / s["gold_samples"]} if s["gold_samples"] else {})
+            metrics.log(done, **{name: upd[name] / max(n_updates, 1) for name in names}, lr=sched.get_last_lr()[0],
+                        beta=beta, kl=s["kl"] / s["completion_tokens"], kl_seq=kl_seq,
+                        response_length=s["completion_tokens"] / s["samples"],
+                        truncated_frac=s["truncated"] / s["samples"],
+                        distinct2=s["distinct2"] / s["groups"], ppo_updates=n_updates, tokens_per_s=tps,
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean, "reward/std": std},
+                        **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, both, opt, sched, done, rank)
@@ -391,7 +440,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+    return data.parse(Args, argv)
 
 
 if __name__ == "__main__":

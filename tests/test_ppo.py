@@ -74,11 +74,13 @@ def test_clipped_value_loss():
     ret = torch.tensor([[1.0, -1.0, -1.0, 1.0, 1.0, 0.0]])
     mask = torch.tensor([[True] * 5 + [False]])
     loss, clipped = value_loss(v, v_old, ret, mask, vf_clip=0.2, n_tokens=5)
-    # (V-R)² vs (V_old + clip(V-V_old, ±0.2) - R)²: 0.25 vs 0.64; 1.21 vs 1.21; 0.25 vs 0.64; 0.25 vs 0.04; 0.7225 either
+    # (V-R)² vs (V_old + clip(V-V_old, ±0.2) - R)²:
+    # 0.25 vs 0.64; 1.21 vs 1.21; 0.25 vs 0.64; 0.25 vs 0.04; 0.7225 either
     assert abs(loss.item() - 0.5 * (0.64 + 1.21 + 0.64 + 0.25 + 0.7225) / 5) < 1e-6
     assert clipped.tolist() == [[True, False, True, False, False, False]]
     loss.backward()
-    assert close(v.grad, [[0, (0.1 + 1.0) / 5, 0, (0.5 - 1.0) / 5, (0.15 - 1.0) / 5, 0]])  # no gradient through the clip
+    # no gradient through the clip
+    assert close(v.grad, [[0, (0.1 + 1.0) / 5, 0, (0.5 - 1.0) / 5, (0.15 - 1.0) / 5, 0]])
 
 
 def test_whitening_over_masked_tokens():
@@ -108,7 +110,7 @@ def test_kl_estimators_by_hand_and_by_monte_carlo():
     est = {k: kl_estimate(p.log()[y], q.log()[y], k) for k in ("k1", "k2", "k3")}
     assert abs(est["k1"].mean().item() - analytic) < 0.01 and abs(est["k3"].mean().item() - analytic) < 0.01
     assert est["k3"].min().item() >= 0 and est["k1"].min().item() < 0
-    exact_k2 = (p * 0.5 * (q / p).log() ** 2).sum().item()  # E_p[½ log² r] = 0.4 ln² 7 ≈ 1.515: biased upwards here
+    exact_k2 = (p * 0.5 * (q / p).log() ** 2).sum().item()  # E_p[½ log² r] = 0.4 ln² 7 ≈ 1.515: biased upwards
     assert abs(est["k2"].mean().item() - exact_k2) < 0.02 and exact_k2 - analytic > 0.3
 
 
@@ -135,7 +137,8 @@ def test_critic_starts_as_the_reward_model_with_dropout_off(rm_run, tok):
     critic = load(AutoModelForTokenClassification, str(rm_run), args, cpu, num_labels=1, classifier_dropout=0.0,
                   token_classification_bias=False)
     assert not rm.training and not critic.training and critic.dropout.p == 0.0
-    ids, labels = encode_response(tok, [{"role": "user", "content": "What is 2+3?"}], [{"role": "assistant", "content": "2+3=5"}])
+    ids, labels = encode_response(tok, [{"role": "user", "content": "What is 2+3?"}],
+                                  [{"role": "assistant", "content": "2+3=5"}])
     ids = torch.tensor([ids[:max(i for i, l in enumerate(labels) if l != IGNORE) + 1]])  # as rm.py reads it
     assert ids[0, -1].item() == tok.eos_token_id
     with torch.no_grad():
@@ -146,14 +149,16 @@ def test_critic_starts_as_the_reward_model_with_dropout_off(rm_run, tok):
 
 
 def test_missing_reward_model_is_one_line_error(sft_run, tmp_path):
-    p = run("ppo", "--model", sft_run, "--reward_model", tmp_path / "nope", "--output_dir", tmp_path / "out", check=False)
+    p = run("ppo", "--model", sft_run, "--reward_model", tmp_path / "nope", "--output_dir", tmp_path / "out",
+            check=False)
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
 def ppo_run(sft_run, rm_run, tmp_path_factory):
-    """The defaults, cut to 25 rollouts (the RM score rises from the first steps; see the report for the full budget)."""
+    """The defaults, cut to 25 rollouts (the RM score rises from the first steps; see the report for the full
+    budget)."""
     out = tmp_path_factory.mktemp("ppo")
     run("ppo", "--model", sft_run, "--reward_model", rm_run, "--output_dir", out, "--max_steps", 25,
         "--log_every", 1, "--eval_every", 25, "--save_every", 0)
@@ -165,8 +170,10 @@ def test_ppo_raises_the_reward_model_score_and_reports_gold(ppo_run):
     ev, train = [m for m in ms if "eval/rm_score" in m], [m for m in ms if "reward/mean" in m]
     first, last = (sum(m["reward/mean"] for m in part) / len(part) for part in (train[:5], train[-5:]))
     print(f"ppo held-out greedy RM score {ev[0]['eval/rm_score']:.3f} -> {ev[-1]['eval/rm_score']:.3f}, gold accuracy "
-          f"{ev[0]['eval/accuracy']:.3f} -> {ev[-1]['eval/accuracy']:.3f}; sampled RM score (5-step means) {first:.3f} -> {last:.3f}, "
-          f"sampled gold {train[0]['reward/gold']:.3f} -> {train[-1]['reward/gold']:.3f}, kl_seq {train[-1]['kl_seq']:.3f}")
+          f"{ev[0]['eval/accuracy']:.3f} -> {ev[-1]['eval/accuracy']:.3f}; "
+          f"sampled RM score (5-step means) {first:.3f} -> {last:.3f}, "
+          f"sampled gold {train[0]['reward/gold']:.3f} -> {train[-1]['reward/gold']:.3f}, "
+          f"kl_seq {train[-1]['kl_seq']:.3f}")
     assert [m["step"] for m in ev] == [0, 25] and len(train) == 25
     assert ev[-1]["eval/rm_score"] > ev[0]["eval/rm_score"] + 0.15
     assert last > first + 0.15
@@ -175,4 +182,5 @@ def test_ppo_raises_the_reward_model_score_and_reports_gold(ppo_run):
     assert train[0]["kl"] < 1e-6 < train[-1]["kl"]  # the first rollout is the reference's own; then the actor moves
     assert all(0 < m["distinct2"] <= 1 for m in train)
     from transformers import AutoModelForTokenClassification
-    assert AutoModelForTokenClassification.from_pretrained(ppo_run / "critic").config.num_labels == 1  # the critic is saved
+    critic = AutoModelForTokenClassification.from_pretrained(ppo_run / "critic")
+    assert critic.config.num_labels == 1  # the critic is saved

@@ -6,7 +6,8 @@ import pytest
 import torch
 from util import head, metrics, run
 
-from algos.grpo import aggregate, clipped_surrogate, completion_logps, generate, group_rows, grpo_advantages, kl_estimate
+from algos.grpo import (aggregate, clipped_surrogate, completion_logps, generate, group_rows, grpo_advantages,
+                        kl_estimate)
 from algos.remax import remax_advantages
 from algos.rloo import reinforce_loss, rloo_advantages
 
@@ -21,7 +22,8 @@ def test_group_normalised_advantages():
                          [0.0, 0.0, 0.0, 0.0], [1 / (s2 + 1e-4), -1 / (s2 + 1e-4), 0.0, 0.0]])
     assert torch.allclose(grpo_advantages(r), want, atol=1e-6)
     # Dr. GRPO: centred only
-    assert torch.allclose(grpo_advantages(r, scale_rewards=False), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4, [1.0, -1.0, 0.0, 0.0]]))
+    centred = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4, [1.0, -1.0, 0.0, 0.0]])
+    assert torch.allclose(grpo_advantages(r, scale_rewards=False), centred)
 
 
 def test_leave_one_out_advantages():
@@ -80,7 +82,8 @@ def test_token_and_sequence_mean_denominators():
 def test_kl_estimators_by_monte_carlo():
     p, q = torch.tensor([0.5, 0.3, 0.15, 0.05]), torch.tensor([0.1, 0.2, 0.3, 0.4])  # π and π_ref
     kl = (p * (p / q).log()).sum()
-    assert kl.item() == pytest.approx(torch.distributions.kl_divergence(torch.distributions.Categorical(p), torch.distributions.Categorical(q)).item())
+    Categorical = torch.distributions.Categorical
+    assert kl.item() == pytest.approx(torch.distributions.kl_divergence(Categorical(p), Categorical(q)).item())
     y = torch.multinomial(p, 400_000, replacement=True, generator=torch.Generator().manual_seed(0))
     lp, lq = p.log()[y], q.log()[y]
     est = {k: kl_estimate(lp, lq, k) for k in ("k1", "k2", "k3")}
@@ -93,7 +96,8 @@ def test_kl_estimators_by_monte_carlo():
 
 
 def test_k3_as_a_loss_differentiates_the_reverse_kl():
-    """E_π[∇ k3] = ∇ KL(π_ref ‖ π) and E_π[∇ k2] = ∇ KL(π ‖ π_ref) (verl PR #2953), by exact expectation over categories."""
+    """E_π[∇ k3] = ∇ KL(π_ref ‖ π) and E_π[∇ k2] = ∇ KL(π ‖ π_ref) (verl PR #2953),
+    by exact expectation over categories."""
     logits = torch.tensor([1.0, 0.2, -0.5, -1.0], requires_grad=True)
     lq = torch.tensor([0.1, 0.2, 0.3, 0.4]).log()
 
@@ -126,7 +130,7 @@ def sft(sft_run):
     from common.template import encode_prompt
     tok = AutoTokenizer.from_pretrained(sft_run)
     model = AutoModelForCausalLM.from_pretrained(sft_run, attn_implementation="sdpa").eval()
-    qs = ["1+1", "77-13", "5-0", "98+87", "30-28", "6+6"]  # prompts of different lengths: rows get different left padding
+    qs = ["1+1", "77-13", "5-0", "98+87", "30-28", "6+6"]  # prompts of different lengths: different left padding
     prompts = [encode_prompt(tok, [{"role": "user", "content": f"What is {q}?"}]) for q in qs]
     assert len(set(map(len, prompts))) > 1
     return model, tok, prompts
@@ -135,7 +139,8 @@ def sft(sft_run):
 def test_batched_left_padded_generation_matches_one_at_a_time(sft):
     from transformers import GenerationConfig
     model, tok, prompts = sft
-    cfg = GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
     cpu = torch.device("cpu")
     comp, mask, ended = generate(model, prompts, 1, tok, cfg, cpu)
     assert ended.any()
@@ -158,11 +163,13 @@ def test_batched_logps_match_one_row_each(sft, share_prompt):
     from transformers import GenerationConfig
     model, tok, prompts = sft
     G = 3
-    cfg = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=8, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     comp, mask, _ = generate(model, prompts, G, tok, cfg, torch.device("cpu"))
     with torch.no_grad():
-        logps, ents = completion_logps(model, group_rows(prompts, comp, G, tok.pad_token_id, share_prompt), comp.shape[1], 1.0, torch.device("cpu"))
+        rows = group_rows(prompts, comp, G, tok.pad_token_id, share_prompt)
+        logps, ents = completion_logps(model, rows, comp.shape[1], 1.0, torch.device("cpu"))
     for i in range(len(comp)):
         n = int(mask[i].sum())
         assert torch.allclose(logps[i, :n], one_row_logps(model, prompts[i // G], comp[i, :n].tolist()), atol=1e-5)
@@ -170,8 +177,10 @@ def test_batched_logps_match_one_row_each(sft, share_prompt):
 
 
 def test_two_processes_give_the_same_grpo_loss(sft_run, tmp_path):
-    """4 prompts x 8 samples a step: 1 process with 2 micro-batches of 2 prompts against 2 processes with 2 prompts each."""
-    common = ["--model", sft_run, "--eval_data", head("eval.jsonl", tmp_path / "eval_16.jsonl", 16), "--max_steps", 3, "--log_every", 1, "--eval_every", 0,
+    """4 prompts x 8 samples a step: 1 process with 2 micro-batches of 2 prompts against 2 processes with 2 prompts
+    each."""
+    common = ["--model", sft_run, "--eval_data", head("eval.jsonl", tmp_path / "eval_16.jsonl", 16), "--max_steps", 3,
+              "--log_every", 1, "--eval_every", 0,
               "--save_every", 0, "--batch_size", 2, "--lr", 1e-3]
     run("grpo", "--output_dir", tmp_path / "one", "--grad_accum", 2, *common)
     run("grpo", "--output_dir", tmp_path / "two", *common, nproc=2)
@@ -186,9 +195,11 @@ def test_two_processes_give_the_same_grpo_loss(sft_run, tmp_path):
 def test_grpo_options_run(sft_run, tmp_path):
     """The non-default paths: several updates per batch (the clip acts), KL in the reward, per-sequence mean,
     masked truncations, one padded row per completion, Dr. GRPO advantages, clip-higher."""
-    run("grpo", "--model", sft_run, "--data", head("rl.jsonl", tmp_path / "rl_32.jsonl", 32), "--eval_data", head("eval.jsonl", tmp_path / "eval_8.jsonl", 8),
-        "--output_dir", tmp_path / "out", "--max_steps", 2, "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--lr", 1e-3,
-        "--num_iterations", 3, "--kl_placement", "reward", "--kl_estimator", "k2", "--loss_agg", "sequence", "--mask_truncated", "true",
+    run("grpo", "--model", sft_run, "--data", head("rl.jsonl", tmp_path / "rl_32.jsonl", 32),
+        "--eval_data", head("eval.jsonl", tmp_path / "eval_8.jsonl", 8),
+        "--output_dir", tmp_path / "out", "--max_steps", 2, "--log_every", 1, "--eval_every", 0, "--save_every", 0,
+        "--lr", 1e-3, "--num_iterations", 3, "--kl_placement", "reward", "--kl_estimator", "k2",
+        "--loss_agg", "sequence", "--mask_truncated", "true",
         "--share_prompt", "false", "--scale_rewards", "false", "--clip_eps_high", 0.28)
     m = [r for r in metrics(tmp_path / "out") if "loss" in r]
     assert len(m) == 2 and all(math.isfinite(r["loss"]) for r in m)
@@ -200,11 +211,23 @@ def test_raises_held_out_accuracy(algo, sft_run, tmp_path):
     """The defaults, cut to 25 of 150 steps: greedy accuracy on the 256 held-out problems rises clearly over the SFT
     start. The SFT model copied its demonstrations' habit of restating the first number (common/toy.py); the verifier
     never rewards it, and what replaces it is the model's own arithmetic, on problems it never trained on."""
-    run(algo, "--model", sft_run, "--output_dir", tmp_path / "out", "--max_steps", 25, "--log_every", 5, "--eval_every", 0,
+    run(algo, "--model", sft_run, "--output_dir", tmp_path / "out", "--max_steps", 25, "--log_every", 5,
+        "--eval_every", 0,
         "--save_every", 0)
     m = metrics(tmp_path / "out")
     acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
     rew = [r["reward/mean"] for r in m if "reward/mean" in r]
     print(f"{algo}: held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}")
     assert acc[-1] >= acc[0] + 0.1 and rew[-1] > rew[0]
-    assert all(k in m[-1] for k in ("kl", "entropy", "response_length", "distinct2", "frac_zero_std", "reward/std", "loss", "grad_norm"))
+    keys = ("kl", "entropy", "response_length", "distinct2", "frac_zero_std", "reward/std", "loss", "grad_norm")
+    assert all(k in m[-1] for k in keys)
+
+
+def test_user_data_without_eval_set_logs_no_eval_keys(base, tmp_path):
+    """With a user's --data and no --eval_data nothing is evaluated (and no embedded eval set is read): the metrics
+    lines simply lack eval keys."""
+    run("grpo", "--model", base, "--data", head("rl.jsonl", tmp_path / "rl_8.jsonl", 8),
+        "--output_dir", tmp_path / "out", "--max_steps", 2, "--batch_size", 2, "--group_size", 2, "--save_every", 0)
+    m = metrics(tmp_path / "out")
+    assert [r["step"] for r in m if "loss" in r] == [1, 2]
+    assert not any(k.startswith("eval/") for r in m for k in r)

@@ -23,6 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 OUT = os.environ.get("GPU_OUT", "/tmp/gpu_check")
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                 tie_word_embeddings=True, rope_theta=1e6)
 FAST_TESTS = ["tests/test_losses.py", "tests/test_template.py", "tests/test_packing.py", "tests/test_device.py"]
 
 
@@ -73,12 +77,9 @@ def make_big(d):
     from common import toy
     os.makedirs(d, exist_ok=True)
     tok = toy.build_tokenizer(f"{d}/q05")
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                      tie_word_embeddings=True, rope_theta=1e6, bos_token_id=None, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(**QWEN2_05B, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(f"{d}/q05")
@@ -145,8 +146,9 @@ def main():
 
     from common import dist
     t0 = time.time()
-    env = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | transformers {transformers.__version__} | "
-           f"training attention: {dist.attn_impl(torch.device('cuda'))}")
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "no GPU (CPU)"
+    env = (f"{name} | torch {torch.__version__} | transformers {transformers.__version__} | "
+           f"training attention: {dist.attn_impl(torch.device(DEVICE))}")
     print(env, flush=True)
     with open(os.path.join(OUT, "tests.log"), "w") as log:
         p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAST_TESTS], cwd=ROOT,

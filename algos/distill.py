@@ -1,4 +1,4 @@
-"""Knowledge distillation: a student learns from a frozen teacher that shares its tokenizer.
+r"""Knowledge distillation: a student learns from a frozen teacher that shares its tokenizer.
 
 --mode picks the signal. seqkd: the teacher writes the responses (greedy by default) and the student
 is trained on them with the SFT loss. forward_kl: on the data's responses, the per-token KL from the
@@ -8,7 +8,8 @@ its own responses (KV cache, left padding, no gradient through sampling) and is 
 per-token reverse KL to the teacher on them (GKD with λ = 1). With softmax temperature τ and A the
 response positions, N = |A| summed over the global batch:
 
-    L(θ) = (τ²/N) Σ_{t ∈ A} KL(p_τ(·|x_<t) ‖ q_τ(·|x_<t)),  forward: p = teacher, q = student; reverse: swapped
+    L(θ) = (τ²/N) Σ_{t ∈ A} KL(p_τ(·|x_<t) ‖ q_τ(·|x_<t)),
+    forward: p = teacher, q = student;  reverse: p = student, q = teacher
 
 References: Hinton et al. arXiv:1503.02531 (soft targets, τ²); Kim & Rush arXiv:1606.07947 (seqkd);
 Agarwal et al. arXiv:2306.13649 (GKD, on-policy reverse KL).
@@ -25,7 +26,8 @@ their responses; seqkd and on_policy use only the prompt: everything before the 
 turn), or {"prompt", "answer"} for seqkd and on_policy.
 Run:  python algos/sft.py --model runs/toy/base_large --output_dir runs/sft_large   # the teacher
       python algos/distill.py --mode on_policy
-      torchrun --nproc_per_node 8 algos/distill.py --teacher Qwen/Qwen2.5-7B-Instruct --model Qwen/Qwen2.5-0.5B-Instruct --data chats.jsonl
+      torchrun --nproc_per_node 8 algos/distill.py --teacher Qwen/Qwen2.5-7B-Instruct \
+          --model Qwen/Qwen2.5-0.5B-Instruct --data chats.jsonl
 """
 import json
 import math
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -53,7 +55,7 @@ class Args:
     teacher: str = "runs/sft_large"  # frozen teacher (path or hub name), same tokenizer as the student
     model: str = "runs/sft"  # the student to train; default: the small SFT model
     data: str = ""  # JSONL of conversations (or prompts for seqkd/on_policy); default: the embedded SFT set
-    eval_data: str = ""  # JSONL of {"prompt","answer"}; default: the embedded eval set
+    eval_data: str = ""  # JSONL of {"prompt","answer"}; default: the embedded eval set when --data is not given
     output_dir: str = ""  # model, args.json, metrics.jsonl, checkpoint/; default: runs/distill_<mode>
     max_len: int = 128  # tokens per conversation (longer ones truncated) or prompt (longer ones dropped); counted
     max_new_tokens: int = 16  # response length limit when the teacher (seqkd) or the student (on_policy) generates
@@ -101,7 +103,8 @@ def reverse_kl_loss(student_logits_NV, teacher_logits_NV, n_tokens, temperature=
 
 def nll_loss(student_logits_NV, labels_N, n_tokens):
     """seqkd: -(1/N) Σ_t log q(y_t | x, y_<t) on the teacher's tokens, by gather minus logsumexp."""
-    logps = student_logits_NV.gather(-1, labels_N[:, None]).squeeze(-1).float() - torch.logsumexp(student_logits_NV.float(), -1)
+    picked = student_logits_NV.gather(-1, labels_N[:, None]).squeeze(-1).float()
+    logps = picked - torch.logsumexp(student_logits_NV.float(), -1)
     return -logps.sum() / max(n_tokens, 1)
 
 
@@ -129,8 +132,9 @@ def load_records(path, tok, args):
 
 def load_model(path, args, device):
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
-                                                    trust_remote_code=args.trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+            trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         data.fail(f"cannot load model {path!r}: {str(e).splitlines()[0]}")
 
@@ -140,15 +144,17 @@ def main(args):
     if args.mode not in MODES:
         data.fail(f"--mode {args.mode!r}: expected one of {', '.join(MODES)}")
     gen_t = args.gen_temperature if args.gen_temperature >= 0 else float(args.mode == "on_policy")
+    embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("sft.jsonl")
-    args.eval_data = args.eval_data or toy.data("eval.jsonl")
+    args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
     args.output_dir = args.output_dir or f"runs/distill_{args.mode}"
     say = tqdm.write if rank == 0 else (lambda *_: None)
-    for name, default_hint in (("teacher", "python algos/sft.py --model runs/toy/base_large --output_dir runs/sft_large"),
-                               ("model", "python algos/sft.py")):
+    hints = {"teacher": "python algos/sft.py --model runs/toy/base_large --output_dir runs/sft_large",
+             "model": "python algos/sft.py"}
+    for name, hint in hints.items():
         path = getattr(args, name)
         if path == Args.__dataclass_fields__[name].default and not os.path.exists(path):
-            data.fail(f"--{name} {path} does not exist; build it first: {default_hint}")
+            data.fail(f"--{name} {path} does not exist; build it first: {hint}")
 
     # Data and tokenizers, validated before anything is written.
     toks = []
@@ -158,17 +164,21 @@ def main(args):
         except (OSError, ValueError) as e:
             data.fail(f"cannot load tokenizer {path!r}: {str(e).splitlines()[0]}")
     tok, t_tok = toks
-    if (tok.get_vocab(), tok.eos_token_id, tok.chat_template) != (t_tok.get_vocab(), t_tok.eos_token_id, t_tok.chat_template):
-        data.fail(f"tokenizers of --model {args.model!r} and --teacher {args.teacher!r} differ (vocabulary, eos or chat template); "
-                  "distillation compares their predictions token by token")
+    student_spec = (tok.get_vocab(), tok.eos_token_id, tok.chat_template)
+    teacher_spec = (t_tok.get_vocab(), t_tok.eos_token_id, t_tok.chat_template)
+    if student_spec != teacher_spec:
+        data.fail(f"tokenizers of --model {args.model!r} and --teacher {args.teacher!r} differ "
+                  "(vocabulary, eos or chat template); distillation compares their predictions token by token")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     docs, n_long = load_records(args.data, tok, args)
     if not docs:
         data.fail(f"{args.data}: no usable record within max_len={args.max_len}")
-    say(f"{len(docs)} records; {n_long} longer than max_len={args.max_len} were {'dropped' if args.mode in ('seqkd', 'on_policy') else 'truncated'}")
+    fate = "dropped" if args.mode in ("seqkd", "on_policy") else "truncated"
+    say(f"{len(docs)} records; {n_long} longer than max_len={args.max_len} were {fate}")
+    eval_recs = data.read_jsonl(args.eval_data) if args.eval_data else []
     eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
-                 for w, r in data.read_jsonl(args.eval_data)]
+                 for w, r in eval_recs]
     G = args.batch_size * args.grad_accum * world  # records per optimizer step
     if len(docs) < G:
         data.fail(f"{args.data}: {len(docs)} records, fewer than one global batch of {G}")
@@ -204,17 +214,20 @@ def main(args):
         eos are padding. Labels mark the response (its eos included), so the batch reads like an SFT one."""
         width = max(len(p) for p, _ in prompts)
         x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p, _ in prompts], device=device)
-        mask = torch.arange(width, device=device) >= width - torch.tensor([len(p) for p, _ in prompts], device=device)[:, None]
+        lengths = torch.tensor([len(p) for p, _ in prompts], device=device)
+        mask = torch.arange(width, device=device) >= width - lengths[:, None]  # left padding
         was = gen_model.training
         gen_model.eval()
         with dist.autocast(device):
-            out = gen_model.generate(input_ids=x, attention_mask=mask.long(), max_new_tokens=args.max_new_tokens,
-                                     do_sample=gen_t > 0, temperature=gen_t if gen_t > 0 else None, top_k=0, top_p=1.0,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced_gpus=world > 1)
+            out = gen_model.generate(
+                input_ids=x, attention_mask=mask.long(), max_new_tokens=args.max_new_tokens,
+                do_sample=gen_t > 0, temperature=gen_t if gen_t > 0 else None, top_k=0, top_p=1.0,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced_gpus=world > 1)
         gen_model.train(was)
         resp = out[:, width:]
-        eos_seen = (resp == tok.eos_token_id).long().cumsum(-1)
-        resp_mask = (eos_seen == 0) | ((eos_seen == 1) & (resp == tok.eos_token_id))  # up to and including the first eos
+        is_eos = resp == tok.eos_token_id
+        eos_seen = is_eos.long().cumsum(-1)
+        resp_mask = (eos_seen == 0) | ((eos_seen == 1) & is_eos)  # up to and including the first eos
         ids = torch.cat([x, resp.masked_fill(~resp_mask, tok.pad_token_id)], 1)
         labels = torch.cat([torch.full_like(x, IGNORE), resp.masked_fill(~resp_mask, IGNORE)], 1)
         return {"input_ids": ids, "labels": labels, "attention_mask": torch.cat([mask, resp_mask], 1).long()}
@@ -228,20 +241,27 @@ def main(args):
         return {k: v.to(device) for k, v in pad(chunk, tok.pad_token_id).items()}
 
     def evaluate():
+        """{} without an eval set; else eval/accuracy (greedy exact match)."""
+        if not eval_recs:
+            return {}
         return {"eval/accuracy": toy.evaluate(model, tok, eval_recs)}
 
-    if start == 0:
+    if start == 0 and eval_recs:  # the starting point, so every run reports before and after; the teacher's once
         metrics.log(0, **evaluate(), **{"teacher/eval_accuracy": toy.evaluate(teacher, tok, eval_recs)})
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc=f"distill {args.mode}")
+    desc = f"distill {args.mode}"
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc=desc)
     t_log, tokens = time.time(), 0.0
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(args.seed + epoch))
+        gen = torch.Generator().manual_seed(args.seed + epoch)  # the data order: the same on every process
+        order = torch.randperm(len(docs), generator=gen, device="cpu")
         idx = order[k * G:(k + 1) * G]
-        micro = [idx[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size] for i in range(args.grad_accum)]
+        starts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this process's micro-batches
+        micro = [idx[j:j + args.batch_size] for j in starts]
         batches = [batch_of(m) for m in micro]  # all samples of the step come from the same student
-        n_tokens = dist.all_sum(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)).item()  # N of the equation
-        loss_sum, kl_sum = 0.0, 0.0
+        n_labels = sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)
+        n_tokens = dist.all_sum(n_labels).item()  # N of the equation: response tokens of the global batch
+        loss_sum, sums = 0.0, dist.Sums(device)  # sums: this step's KL(student ‖ teacher)
         for i, b in enumerate(batches):
             if world > 1:
                 model.set_requires_gradient_sync(i == len(batches) - 1)
@@ -261,7 +281,8 @@ def main(args):
                 loss = reverse_kl_loss(s_logits, t_logits, n_tokens, args.temperature)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
             loss_sum += loss.item()
-            kl_sum += kl_per_token(s_logits.detach(), t_logits).sum().item()  # KL(student ‖ teacher) at τ = 1, every mode
+            kl = kl_per_token(s_logits.detach(), t_logits)  # KL(student ‖ teacher) at τ = 1, in every mode
+            sums.add({"kl": kl.sum()})
             tokens += b["attention_mask"].sum().item()
         loss_step = dist.all_sum(loss_sum).item()
         if not math.isfinite(loss_step):
@@ -273,9 +294,10 @@ def main(args):
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
             tps = dist.all_sum(tokens).item() / (time.time() - t_log)
+            s = sums.reduce()
             extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
-            metrics.log(done, loss=loss_step, kl=dist.all_sum(kl_sum).item() / max(n_tokens, 1), lr=sched.get_last_lr()[0],
-                        grad_norm=gnorm, response_length=n_tokens / G, tokens_per_s=tps, peak_mem_gb=dist.peak_mem_gb(device), **extra)
+            metrics.log(done, loss=loss_step, kl=s["kl"] / max(n_tokens, 1), lr=sched.get_last_lr()[0], grad_norm=gnorm,
+                        response_length=n_tokens / G, tokens_per_s=tps, peak_mem_gb=dist.peak_mem_gb(device), **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
@@ -284,7 +306,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+    return data.parse(Args, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Model merging: combine the weights of models that share an architecture and a tokenizer, no training.
+r"""Model merging: combine the weights of models that share an architecture and a tokenizer, no training.
 
 Each tensor is merged on its own. With task vectors τ_i = θ_i - θ_base (models fine-tuned from one base):
-  linear           θ = (1-α) θ_base + α Σ_i w_i θ_i  (WiSE-FT; without --base: the average Σ_i w_i θ_i, w normalised)
-  slerp            θ = sin((1-α)Ω)/sin Ω · θ_a + sin(αΩ)/sin Ω · θ_b,  cos Ω = ⟨θ_a, θ_b⟩/(‖θ_a‖‖θ_b‖)
+  linear           θ = (1-α) θ_base + α Σ_i w_i θ_i  (WiSE-FT)
+                   without --base: the average θ = Σ_i w_i θ_i, w normalised
+  slerp            θ = sin((1-α)Ω)/sin Ω · θ_a + sin(αΩ)/sin Ω · θ_b,
+                   cos Ω = ⟨θ_a, θ_b⟩/(‖θ_a‖‖θ_b‖)
   task_arithmetic  θ = θ_base + λ Σ_i w_i τ_i
   ties             trim each w_i τ_i to its top --density fraction by magnitude, elect γ = sign(Σ_i τ̂_i), then
                    θ = θ_base + λ · mean of the τ̂_i whose sign agrees with γ (entry by entry)
@@ -15,9 +17,11 @@ References: WiSE-FT arXiv:2109.01903; task arithmetic arXiv:2212.04089; TIES arX
 DARE arXiv:2311.03099; SLERP for weights: Shoemake 1985 (as in mergekit).
 Deviations: 1. SLERP falls back to linear when |cos Ω| > 1 - 1e-6 (nearly parallel tensors: the formula is 0/0).
    2. TIES and DARE take optional per-model weights w_i (the papers use 1); λ defaults to 1.
-Data: Hugging Face model directories or hub names; --eval_data JSONL {"prompt","answer"}; --ppl_data plain text, one document per line.
+Data: Hugging Face model directories or hub names; --eval_data JSONL {"prompt","answer"};
+   --ppl_data plain text, one document per line.
 Run:  python algos/merge.py --sweep --base runs/sft --models runs/grpo --output_dir runs/merge_wiseft
-      python algos/merge.py --method ties --base runs/toy/base --models runs/sft_add runs/sft_sub --output_dir runs/merge_ties
+      python algos/merge.py --method ties --base runs/toy/base --models runs/sft_add runs/sft_sub \
+          --output_dir runs/merge_ties
 """
 import json
 import math
@@ -26,7 +30,7 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -47,7 +51,7 @@ class Args:
     sweep: bool = False  # WiSE-FT sweep of --method over --alphas, scored, printed and plotted to wiseft.png
     alphas: list[float] = field(default_factory=lambda: [i / 10 for i in range(11)])  # α values of the sweep
     eval_data: str = ""  # JSONL of {"prompt","answer"}; default: the embedded eval set
-    eval_groups: list[str] = field(default_factory=lambda: ["add:+", "sub:-"])  # name:substring of prompt -> eval/accuracy_name
+    eval_groups: list[str] = field(default_factory=lambda: ["add:+", "sub:-"])  # name:substring -> eval/accuracy_name
     ppl_data: str = ""  # plain text, one document per line, for eval/perplexity; default: the embedded plain_eval.txt
     output_dir: str = "runs/merge"  # merged model + tokenizer, args.json, metrics.jsonl
     seed: int = 0  # seed of dare's drop masks
@@ -94,11 +98,12 @@ def ties(base, tensors, weights, density=0.5, scale=1.0):
 
 
 def dare(base, tensors, weights, drop=0.5, scale=1.0, generator=None):
-    """DARE: drop each entry with probability p, rescale survivors by 1/(1-p) (so E[τ̂] = τ), then task arithmetic."""
+    """DARE: drop each entry with probability p, rescale survivors by 1/(1-p) (so E[τ̂] = τ), then task
+    arithmetic. The drop masks come from the CPU generator, so a seed gives the same merge on any device."""
     out = base.float().clone()
     for w, t in zip(weights, tensors):
         tau = t.float() - base.float()
-        keep = torch.rand(tau.shape, generator=generator) >= drop
+        keep = torch.rand(tau.shape, generator=generator, device="cpu") >= drop
         out += scale * w * tau * keep.to(tau.device) / (1 - drop)
     return out
 
@@ -140,14 +145,17 @@ def load(paths, args):
             data.fail(f"cannot load {p!r}: {str(e).splitlines()[0]}")
     for p, c, t in zip(paths[1:], cfgs[1:], toks[1:]):
         if (c.model_type, c.architectures) != (cfgs[0].model_type, cfgs[0].architectures):
-            data.fail(f"{p}: architecture {c.model_type}/{c.architectures} differs from {paths[0]}'s {cfgs[0].model_type}/{cfgs[0].architectures}")
+            theirs = f"{cfgs[0].model_type}/{cfgs[0].architectures}"
+            data.fail(f"{p}: architecture {c.model_type}/{c.architectures} differs from {paths[0]}'s {theirs}")
         if t.get_vocab() != toks[0].get_vocab() or t.chat_template != toks[0].chat_template:
             data.fail(f"{p}: tokenizer (vocabulary or chat template) differs from {paths[0]}'s")
     for p in paths:
         try:
-            models.append(AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, trust_remote_code=args.trust_remote_code))
+            model = AutoModelForCausalLM.from_pretrained(
+                p, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as e:
             data.fail(f"cannot load model {p!r}: {str(e).splitlines()[0]}")
+        models.append(model)
     sds = [m.state_dict() for m in models]
     for p, sd in zip(paths[1:], sds[1:]):
         if sd.keys() != sds[0].keys():
@@ -155,7 +163,8 @@ def load(paths, args):
             data.fail(f"{p}: tensor names differ from {paths[0]}'s (e.g. {diff[0]!r})")
         for name, t in sd.items():
             if t.shape != sds[0][name].shape:
-                data.fail(f"{p}: tensor {name!r} has shape {tuple(t.shape)}, {paths[0]} has {tuple(sds[0][name].shape)}")
+                first = tuple(sds[0][name].shape)
+                data.fail(f"{p}: tensor {name!r} has shape {tuple(t.shape)}, {paths[0]} has {first}")
     return models, toks[0]
 
 
@@ -226,7 +235,8 @@ def main(args):
         data.fail("--density must be in (0, 1] and --drop in [0, 1)")
     for p in args.models + [args.base]:
         if p in ("runs/grpo", "runs/sft") and not os.path.exists(p):
-            data.fail(f"{p} does not exist: build it first (python algos/{os.path.basename(p)}.py) or pass another path")
+            script = f"algos/{os.path.basename(p)}.py"
+            data.fail(f"{p} does not exist: build it first (python {script}) or pass another path")
     weights = args.weights or [1.0 / len(args.models) if args.method == "linear" else 1.0] * len(args.models)
     eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
                  for w, r in data.read_jsonl(args.eval_data or toy.data("eval.jsonl"))]
@@ -237,7 +247,8 @@ def main(args):
     # Load and check everything before writing: the base (if any) comes first, so every model is compared to it.
     paths = ([args.base] if args.base else []) + args.models
     models, tok = load(paths, args)
-    sds = [{k: v.clone() for k, v in models[0].state_dict().items()}] + [m.state_dict() for m in models[1:]]  # models[0] gets overwritten
+    first = {k: v.clone() for k, v in models[0].state_dict().items()}  # a copy: models[0] gets overwritten
+    sds = [first] + [m.state_dict() for m in models[1:]]
     base_sd, sds = (sds[0], sds[1:]) if args.base else (None, sds)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -272,7 +283,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+    return data.parse(Args, argv)
 
 
 if __name__ == "__main__":

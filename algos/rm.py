@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -33,7 +33,7 @@ from common.template import IGNORE, encode_response  # noqa: E402
 class Args:
     model: str = "runs/sft"  # path or hub name of the policy to start from; default: the SFT output
     data: str = ""  # JSONL of preference pairs; default: the embedded pairs
-    eval_data: str = ""  # JSONL of held-out pairs; default: the embedded held-out pairs
+    eval_data: str = ""  # JSONL of held-out pairs; default: the embedded held-out pairs when --data is not given
     output_dir: str = "runs/rm"  # model, args.json, metrics.jsonl, checkpoint/
     max_len: int = 128  # pairs with a side longer than this are dropped (and counted)
     batch_size: int = 32  # pairs per process per micro-batch
@@ -69,7 +69,8 @@ def load_pairs(path, tok, args):
         if max(map(len, sides)) > args.max_len:
             n_long += 1
         elif tok.pad_token_id in (sides[0][-1], sides[1][-1]):
-            data.fail(f"{where}: a response ends with the pad token {tok.pad_token!r}; the head would read the wrong position")
+            data.fail(f"{where}: a response ends with the pad token {tok.pad_token!r}; "
+                      "the head would read the wrong position")
         else:
             pairs.append(tuple(sides))
     return pairs, n_long
@@ -77,8 +78,9 @@ def load_pairs(path, tok, args):
 
 def main(args):
     rank, world, device = dist.setup(args.seed)
+    embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("prefs.jsonl")
-    args.eval_data = args.eval_data or toy.data("prefs_eval.jsonl")
+    args.eval_data = args.eval_data or (toy.data("prefs_eval.jsonl") if embedded else "")
     say = tqdm.write if rank == 0 else (lambda *_: None)
     if args.model == "runs/sft" and not os.path.exists(args.model):
         data.fail("runs/sft not found: run algos/sft.py first, or pass --model")
@@ -91,9 +93,11 @@ def main(args):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     pairs, n_long = load_pairs(args.data, tok, args)
-    eval_pairs, _ = load_pairs(args.eval_data, tok, args)
+    eval_pairs = load_pairs(args.eval_data, tok, args)[0] if args.eval_data else []
     if not pairs:
         data.fail(f"{args.data}: no pair fits max_len={args.max_len}")
+    if args.eval_data and not eval_pairs:
+        data.fail(f"{args.eval_data}: no pair fits max_len={args.max_len}")
     say(f"{len(pairs)} pairs; {n_long} with a side longer than max_len={args.max_len} were dropped")
     G = args.batch_size * args.grad_accum * world  # pairs per optimizer step
     if len(pairs) < G:
@@ -108,8 +112,9 @@ def main(args):
             attn_implementation=dist.attn_impl(device), trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         data.fail(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}")
-    if len(tok) > model.get_input_embeddings().num_embeddings:
-        data.fail(f"tokenizer has {len(tok)} tokens but model {args.model!r} embeds only {model.get_input_embeddings().num_embeddings}")
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tok) > n_embed:
+        data.fail(f"tokenizer has {len(tok)} tokens but model {args.model!r} embeds only {n_embed}")
     model = dist.shard(model, world, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -136,27 +141,37 @@ def main(args):
         return r[:len(batch_pairs)], r[len(batch_pairs):]
 
     def evaluate():
+        """{} without an eval set; else the share of held-out pairs ranked right and their mean reward margin."""
+        if not eval_pairs:
+            return {}
         model.eval()
-        tot = torch.zeros(3)
+        sums = dist.Sums(device)
+        sums.add({"correct": 0, "margin": 0.0, "pairs": 0})  # every process adds every name, even one without pairs
+        per = -(-len(eval_pairs) // world)  # pairs per process
+        mine = eval_pairs[rank * per:(rank + 1) * per]
         with torch.no_grad():
-            for i in range(rank * args.batch_size, len(eval_pairs), world * args.batch_size):
-                rc, rr = rewards(eval_pairs[i:i + args.batch_size])
-                tot += torch.tensor([(rc > rr).sum().item(), (rc - rr).sum().item(), len(rc)])
+            for i in range(0, per, args.batch_size):  # the same number of forwards on every process (FSDP all-gathers)
+                chunk = mine[i:i + args.batch_size]
+                rc, rr = rewards(chunk or eval_pairs[:1])
+                if chunk:  # a process out of pairs runs a stand-in batch and counts nothing
+                    sums.add({"correct": (rc > rr).sum(), "margin": (rc - rr).sum(), "pairs": len(rc)})
         model.train()
-        tot = dist.all_sum(tot)
-        return {"eval/accuracy": (tot[0] / tot[2]).item(), "eval/margin": (tot[1] / tot[2]).item()}
+        s = sums.reduce()
+        return {"eval/accuracy": s["correct"] / s["pairs"], "eval/margin": s["margin"] / s["pairs"]}
 
-    if start == 0:
+    if start == 0 and eval_pairs:
         metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="rm")
     t_log, tokens = time.time(), 0.0
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
+        gen = torch.Generator().manual_seed(args.seed + epoch)  # the data order: the same on every process
+        order = torch.randperm(len(pairs), generator=gen, device="cpu")
         idx = order[k * G:(k + 1) * G]
-        micro = [idx[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size] for i in range(args.grad_accum)]
+        starts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this process's micro-batches
+        micro = [idx[j:j + args.batch_size] for j in starts]
         n_pairs = G  # M of the equation: every pair of the global batch counts once
-        loss_sum, stats = 0.0, torch.zeros(3)
+        loss_sum, sums = 0.0, dist.Sums(device)  # sums: this step's pairs, ranked right and margins
         for i, m in enumerate(micro):
             if world > 1:
                 model.set_requires_gradient_sync(i == len(micro) - 1)
@@ -165,7 +180,7 @@ def main(args):
             loss = bt_loss(rc, rr, n_pairs)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
             loss_sum += loss.item()
-            stats += torch.tensor([(rc > rr).sum().item(), (rc - rr).sum().item(), len(rc)])
+            sums.add({"correct": (rc > rr).sum(), "margin": (rc - rr).sum(), "pairs": len(rc)})
             tokens += sum(len(c) + len(r) for c, r in batch_pairs)
         loss_step = dist.all_sum(loss_sum).item()
         if not math.isfinite(loss_step):
@@ -177,11 +192,11 @@ def main(args):
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
             tps = dist.all_sum(tokens).item() / (time.time() - t_log)
-            stats = dist.all_sum(stats)
+            s = sums.reduce()
+            ranked = {"rewards/accuracy": s["correct"] / s["pairs"], "rewards/margin": s["margin"] / s["pairs"]}
             extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
             metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
-                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"rewards/accuracy": (stats[0] / stats[2]).item(),
-                        "rewards/margin": (stats[1] / stats[2]).item()}, **extra)
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **ranked, **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
@@ -190,7 +205,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+    return data.parse(Args, argv)
 
 
 if __name__ == "__main__":

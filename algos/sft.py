@@ -6,7 +6,8 @@ packed into rows of --max_len tokens with position_ids restarting per document, 
 attends to another (--packing false pads instead). The loss is normalised by the global number of
 assistant tokens in the optimizer step, so it is the same whatever --grad_accum and process count:
 
-    L(θ) = -(1/N) Σ_i Σ_{t ∈ A_i} log πθ(x_{i,t} | x_{i,<t}),   A_i = assistant positions of chat i, N = Σ_i |A_i|
+    L(θ) = -(1/N) Σ_i Σ_{t ∈ A_i} log πθ(x_{i,t} | x_{i,<t}),
+    A_i = assistant positions of chat i,  N = Σ_i |A_i|
 
 Reference: InstructGPT, arXiv:2203.02155 (the SFT stage).
 Data: JSONL, {"messages": [{"role", "content"}, ...]} or {"prompt": ..., "completion": ...}.
@@ -22,11 +23,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
-from common.packing import fit, pack, pad  # noqa: E402
+from common.packing import boundaries, fit, pack, pad  # noqa: E402
 from common.template import IGNORE, encode_chat  # noqa: E402
 
 
@@ -34,7 +35,7 @@ from common.template import IGNORE, encode_chat  # noqa: E402
 class Args:
     model: str = ""  # path or hub name; default: the embedded base model
     data: str = ""  # JSONL of conversations; default: the embedded SFT set
-    eval_data: str = ""  # JSONL of {"prompt","answer"} (accuracy) or conversations (loss); default: embedded eval set
+    eval_data: str = ""  # {"prompt","answer"} (accuracy) or chats (loss); default: the embedded eval set if no --data
     output_dir: str = "runs/sft"  # model, args.json, metrics.jsonl, checkpoint/
     max_len: int = 256  # tokens per packed row (or per document when padding)
     packing: bool = True  # pack documents into rows (False: one padded document per row)
@@ -57,9 +58,12 @@ class Args:
 
 def token_logps(logits_NV, labels_N, chunk=4096):
     """log p(label) = logit[label] - logsumexp(logits), in chunks, so no full fp32 log-softmax exists."""
-    out = [logits_NV[i:i + chunk].gather(-1, labels_N[i:i + chunk, None]).squeeze(-1).float()
-           - torch.logsumexp(logits_NV[i:i + chunk].float(), dim=-1) for i in range(0, max(len(labels_N), 1), chunk)]
-    return torch.cat(out)  # an empty selection still yields a (0,)-tensor in the graph: backward gives zero, not an error
+    out = []
+    for i in range(0, max(len(labels_N), 1), chunk):
+        logits = logits_NV[i:i + chunk]
+        picked = logits.gather(-1, labels_N[i:i + chunk, None]).squeeze(-1).float()
+        out.append(picked - torch.logsumexp(logits.float(), dim=-1))
+    return torch.cat(out)  # an empty selection still yields a (0,)-tensor in the graph: backward gives 0, not an error
 
 
 def sft_loss(logits_BTV, labels_BT, n_tokens):
@@ -80,8 +84,9 @@ def load_docs(path, tok, args):
 def main(args):
     rank, world, device = dist.setup(args.seed)
     args.model = args.model or toy.ensure("base")
+    embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("sft.jsonl")
-    args.eval_data = args.eval_data or toy.data("eval.jsonl")
+    args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
     say = tqdm.write if rank == 0 else (lambda *_: None)
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
@@ -94,13 +99,17 @@ def main(args):
     docs, n_long = load_docs(args.data, tok, args)
     if not docs:
         data.fail(f"{args.data}: no document has an assistant token within max_len={args.max_len}")
-    say(f"{len(docs)} documents; {n_long} longer than max_len={args.max_len} were {'truncated' if args.truncate else 'dropped'}")
-    eval_recs = data.read_jsonl(args.eval_data)
-    eval_acc = "answer" in eval_recs[0][1]  # {"prompt", "answer"}: generation accuracy; conversations: eval loss
+    fate = "truncated" if args.truncate else "dropped"
+    say(f"{len(docs)} documents; {n_long} longer than max_len={args.max_len} were {fate}")
+    eval_recs = data.read_jsonl(args.eval_data) if args.eval_data else []
+    eval_acc = bool(eval_recs) and "answer" in eval_recs[0][1]  # {"prompt", "answer"}: accuracy; chats: eval loss
     if eval_acc:
-        eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)} for w, r in eval_recs]
-    else:
+        eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
+                     for w, r in eval_recs]
+    elif eval_recs:
         eval_docs, _ = load_docs(args.eval_data, tok, args)
+        if not eval_docs:
+            data.fail(f"{args.eval_data}: no conversation has an assistant token within max_len={args.max_len}")
     rows = pack(docs, args.max_len, tok.pad_token_id) if args.packing else None
     n_rows = len(rows["input_ids"]) if args.packing else len(docs)
     G = args.batch_size * args.grad_accum * world  # rows per optimizer step
@@ -111,12 +120,14 @@ def main(args):
 
     # Model, sharded with FSDP2 when there are several processes.
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
-                                                     trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
+            trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         data.fail(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}")
-    if len(tok) > model.get_input_embeddings().num_embeddings:
-        data.fail(f"tokenizer has {len(tok)} tokens but model {args.model!r} embeds only {model.get_input_embeddings().num_embeddings}")
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tok) > n_embed:
+        data.fail(f"tokenizer has {len(tok)} tokens but model {args.model!r} embeds only {n_embed}")
     model = dist.shard(model, world, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -133,46 +144,62 @@ def main(args):
         say(f"resumed from {ckpt} at step {start}")
 
     def batch_of(idx):
-        """Rows idx -> tensors on device: packed rows (position_ids, no attention mask) or a padded batch."""
+        """Rows idx -> tensors on device: packed rows (position_ids and document boundaries, no attention mask)
+        or a padded batch (attention mask)."""
         if args.packing:
-            return {k: rows[k][idx].to(device) for k in ("input_ids", "labels", "position_ids", "n_real")}
+            b = {k: rows[k][idx].to(device) for k in ("input_ids", "labels", "position_ids", "n_real")}
+            # cu_seq_lens and max_length, from the CPU position_ids: flash-attn and varlen attention keep the
+            # documents of several rows apart with them (sdpa ignores them and masks from position_ids)
+            return {**b, **boundaries(rows["position_ids"][idx], device)}
         b = {k: v.to(device) for k, v in pad([docs[i] for i in idx.tolist()], tok.pad_token_id).items()}
         return {**b, "n_real": b["attention_mask"].sum(-1)}
 
     def evaluate():
+        """{} without an eval set; else eval/accuracy (greedy exact match) or eval/loss (per assistant token)."""
+        if not eval_recs:
+            return {}
         if eval_acc:
             return {"eval/accuracy": toy.evaluate(model, tok, eval_recs)}
         model.eval()
-        tot = torch.zeros(2)
+        sums = dist.Sums(device)
+        sums.add({"loss": 0.0, "tokens": 0})  # every process adds both names, even one without an eval document
+        per = -(-len(eval_docs) // world)  # documents per process
+        mine = eval_docs[rank * per:(rank + 1) * per]
         with torch.no_grad():
-            for i in range(rank * args.batch_size, len(eval_docs), world * args.batch_size):
-                b = {k: v.to(device) for k, v in pad(eval_docs[i:i + args.batch_size], tok.pad_token_id).items()}
+            for i in range(0, per, args.batch_size):  # the same number of forwards on every process (FSDP all-gathers)
+                chunk = mine[i:i + args.batch_size]
+                b = {k: v.to(device) for k, v in pad(chunk or eval_docs[:1], tok.pad_token_id).items()}
                 with dist.autocast(device):
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-                tot += torch.tensor([sft_loss(logits, b["labels"], 1).item(), (b["labels"][:, 1:] != IGNORE).sum().item()])
+                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                n_labels = (b["labels"][:, 1:] != IGNORE).sum()
+                if chunk:  # a process out of documents runs a stand-in batch and counts nothing
+                    sums.add({"loss": sft_loss(out.logits, b["labels"], 1), "tokens": n_labels})
         model.train()
-        tot = dist.all_sum(tot)
-        return {"eval/loss": (tot[0] / tot[1]).item()}
+        s = sums.reduce()
+        return {"eval/loss": s["loss"] / s["tokens"]}
 
-    if start == 0:
+    if start == 0 and eval_recs:
         metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="sft")
     t_log, tokens = time.time(), 0.0
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed + epoch))
+        gen = torch.Generator().manual_seed(args.seed + epoch)  # the data order: the same on every process
+        order = torch.randperm(n_rows, generator=gen, device="cpu")
         idx = order[k * G:(k + 1) * G]
-        micro = [idx[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size] for i in range(args.grad_accum)]
+        starts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this process's micro-batches
+        micro = [idx[j:j + args.batch_size] for j in starts]
         batches = [batch_of(m) for m in micro]
-        n_tokens = dist.all_sum(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)).item()  # N of the equation
+        n_labels = sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)
+        n_tokens = dist.all_sum(n_labels).item()  # N of the equation: labelled tokens of the global batch
         loss_sum = 0.0
         for i, b in enumerate(batches):
             if world > 1:
                 model.set_requires_gradient_sync(i == len(batches) - 1)
+            fwd = {k: v for k, v in b.items() if k not in ("labels", "n_real")}  # ids, positions or mask, boundaries
             with dist.autocast(device):
-                # use_cache=False: with a cache, transformers ignores position_ids when masking and packed docs attend to each other
-                logits = model(input_ids=b["input_ids"], position_ids=b.get("position_ids"),
-                               attention_mask=b.get("attention_mask"), use_cache=False).logits
+                # use_cache=False: with a cache, transformers ignores position_ids when masking (packed docs would leak)
+                logits = model(**fwd, use_cache=False).logits
             loss = sft_loss(logits, b["labels"], n_tokens)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
             loss_sum += loss.item()
@@ -198,7 +225,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    return HfArgumentParser(Args).parse_args_into_dataclasses(argv)[0]
+    return data.parse(Args, argv)
 
 
 if __name__ == "__main__":

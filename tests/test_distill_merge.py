@@ -22,7 +22,8 @@ P, Q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.25, 0.75]])
 def test_forward_and_reverse_kl_by_hand():
     teacher, student = P.log(), Q.log()  # log-probabilities are valid logits
     assert forward_kl_loss(student, teacher, 1).item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
-    assert reverse_kl_loss(student, teacher, 1).item() == pytest.approx(0.75 * math.log(1.5) - 0.25 * math.log(2), abs=1e-6)
+    kl_qp = 0.75 * math.log(1.5) - 0.25 * math.log(2)
+    assert reverse_kl_loss(student, teacher, 1).item() == pytest.approx(kl_qp, abs=1e-6)
     # a sum over positions divided by the global token count (here 2 positions of 5 in the global batch)
     two = forward_kl_loss(torch.cat([student, teacher]), torch.cat([teacher, teacher]), 5)
     assert two.item() == pytest.approx(0.5 * math.log(4 / 3) / 5, abs=1e-6)
@@ -57,7 +58,8 @@ def test_reverse_kl_gradient_flows_to_the_student_only():
 
 def test_seqkd_nll_by_hand():
     logits = torch.tensor([[0.0, math.log(3)], [math.log(3), 0.0]])  # p(1) = 3/4 in row 0, p(1) = 1/4 in row 1
-    assert nll_loss(logits, torch.tensor([1, 1]), 4).item() == pytest.approx(-(math.log(0.75) + math.log(0.25)) / 4, abs=1e-6)
+    by_hand = -(math.log(0.75) + math.log(0.25)) / 4
+    assert nll_loss(logits, torch.tensor([1, 1]), 4).item() == pytest.approx(by_hand, abs=1e-6)
 
 
 # ---- merge methods on small tensors
@@ -167,7 +169,8 @@ def test_merge_refuses_mismatched_models(base, tmp_path):
     tok.save_pretrained(other_tok)
     for bad, what in ((small, "shape"), (other_tok, "tokenizer")):
         p = run("merge", "--base", base, "--models", bad, "--output_dir", tmp_path / "out", check=False)
-        assert p.returncode != 0 and what in p.stderr.strip().splitlines()[-1] and p.stderr.strip().splitlines()[-1].startswith("error:")
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode != 0 and what in last and last.startswith("error:")
         assert not (tmp_path / "out").exists()
 
 
@@ -180,20 +183,22 @@ def test_merge_refuses_mismatched_models(base, tmp_path):
 
 @pytest.fixture(scope="module")
 def student(sft_run, tmp_path_factory):
-    return noisy_copy(sft_run, tmp_path_factory.mktemp("student"), lambda p: 0.9 * p.std() * torch.randn_like(p), seed=0)
+    return noisy_copy(sft_run, tmp_path_factory.mktemp("student"),
+                      lambda p: 0.9 * p.std() * torch.randn_like(p), seed=0)
 
 
 def test_distill_refuses_a_missing_teacher_or_another_tokenizer(base, tok, tmp_path):
-    p = run("distill", "--teacher", tmp_path / "nowhere", "--model", base, "--output_dir", tmp_path / "out", check=False)
+    out = tmp_path / "out"
+    p = run("distill", "--teacher", tmp_path / "nowhere", "--model", base, "--output_dir", out, check=False)
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith("error: cannot load tokenizer")
     other = tmp_path / "other_tok"
     shutil.copytree(base, other)
     t = type(tok).from_pretrained(base)
     t.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     t.save_pretrained(other)
-    p = run("distill", "--teacher", other, "--model", base, "--output_dir", tmp_path / "out", check=False)
+    p = run("distill", "--teacher", other, "--model", base, "--output_dir", out, check=False)
     assert p.returncode != 0 and "tokenizers" in p.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("mode", ["seqkd", "forward_kl", "reverse_kl", "on_policy"])

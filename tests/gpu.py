@@ -117,27 +117,40 @@ def rates(out, per_step=1, skip=1):
             "s_per_step": seconds / steps, "peak_mem_gb": rows[-1]["peak_mem_gb"]}
 
 
+SETTINGS = {"sft packed": "rows of 4 x 4096", "sft padded": "8 chats a batch, max_len 4096",
+            "dpo": "8 pairs a step, max_len 1024", "grpo": "8 prompts x 8 completions, 256 new tokens"}
+
+
 def throughput(d):
+    """Each run in turn (the GPU to itself); its table row printed as soon as it is measured."""
     n_params = make_big(d)
+    print(f"\nQwen2-0.5B shape ({n_params / 1e6:.0f}M params, vocab 151936, random init), bf16 autocast, fp32 "
+          "weights:\n\n| run | settings | throughput | peak GB | MFU |\n|---|---|---|---|---|", flush=True)
     q05, rows = f"{d}/q05", {}
     common = ["--model", q05, "--save_every", 0, "--eval_every", 0]
     for tag, args in (("sft packed", ("sft", "--data", f"{d}/chats.jsonl", "--max_len", 4096, "--batch_size", 4,
-                                      "--max_steps", 20, "--log_every", 5)),
+                                      "--max_steps", 15, "--log_every", 5)),
                       ("sft padded", ("sft", "--data", f"{d}/chats.jsonl", "--max_len", 4096, "--packing", "false",
-                                      "--batch_size", 8, "--max_steps", 20, "--log_every", 5)),
+                                      "--batch_size", 8, "--max_steps", 15, "--log_every", 5)),
                       ("dpo", ("dpo", "--data", f"{d}/pairs.jsonl", "--eval_pairs", f"{d}/pairs_eval.jsonl",
-                               "--max_len", 1024, "--batch_size", 8, "--max_steps", 12, "--log_every", 3)),
+                               "--max_len", 1024, "--batch_size", 8, "--max_steps", 9, "--log_every", 3)),
                       ("grpo", ("grpo", "--data", f"{d}/prompts.jsonl", "--batch_size", 8, "--group_size", 8,
                                 "--max_new_tokens", 256, "--max_len", 512, "--max_steps", 3, "--log_every", 1))):
-        out = os.path.join(OUT, "runs", "tp_" + tag.replace(" ", "_"))
-        ok, seconds, error = script(args[0], *args[1:], *common, "--output_dir", out, tag="tp_" + tag.replace(" ", "_"),
-                                    timeout=240)
-        rows[tag] = rates(out, per_step={"dpo": 8, "grpo": 64}.get(tag, 1)) if ok else {"error": error}
-        rows[tag]["wall_s"] = seconds
-    for tag in ("sft packed", "sft padded"):
-        if "tokens_per_s" in rows[tag]:
-            rows[tag]["mfu"] = 6 * n_params * rows[tag]["tokens_per_s"] / PEAK_FLOPS
-    return n_params, rows
+        name = "tp_" + tag.replace(" ", "_")
+        out = os.path.join(OUT, "runs", name)
+        ok, seconds, error = script(args[0], *args[1:], *common, "--output_dir", out, tag=name, timeout=240)
+        r = rows[tag] = rates(out, per_step={"dpo": 8, "grpo": 64}.get(tag, 1)) if ok else {"error": error}
+        r["wall_s"] = seconds
+        if "error" in r:
+            print(f"| {tag} | {SETTINGS[tag]} | FAILED: {r['error']} | | |", flush=True)
+            continue
+        if tag.startswith("sft"):
+            r["mfu"] = 6 * n_params * r["tokens_per_s"] / PEAK_FLOPS
+        value = {"dpo": f"{r['per_s']:.1f} pairs/s", "grpo": f"{r['s_per_step']:.2f} s/step"}.get(
+            tag, f"{r['tokens_per_s']:,.0f} real tokens/s")
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        print(f"| {tag} | {SETTINGS[tag]} | {value} | {r['peak_mem_gb']:.1f} | {mfu} |", flush=True)
+    return rows
 
 
 def main():
@@ -149,33 +162,20 @@ def main():
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "no GPU (CPU)"
     env = (f"{name} | torch {torch.__version__} | transformers {transformers.__version__} | "
            f"training attention: {dist.attn_impl(torch.device(DEVICE))}")
-    print(env, flush=True)
+    print(f"## ./run.sh gpu: {env}", flush=True)
     with open(os.path.join(OUT, "tests.log"), "w") as log:
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAST_TESTS], cwd=ROOT,
-                           stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAST_TESTS], cwd=ROOT,
+                       stdout=log, stderr=subprocess.STDOUT)
     with open(os.path.join(OUT, "tests.log")) as log:
         tests_line = [ln.strip() for ln in log if ln.strip()][-1]
-    print(f"tests: {tests_line} ({time.time() - t0:.0f} s)", flush=True)
+    print(f"\nreference tests (incl. packed = per-document logits per attention path): {tests_line} "
+          f"({time.time() - t0:.0f} s)", flush=True)
     smoke_results = smoke()
-    print(f"smoke runs done ({time.time() - t0:.0f} s)", flush=True)
-    n_params, tp = throughput(os.path.join(OUT, "big"))
-
-    print(f"\n## ./run.sh gpu: {env}\n\nreference tests (incl. packed = per-document logits per attention path): "
-          f"{tests_line}\n\n| algorithm | on CUDA | seconds | error |\n|---|---|---|---|")
+    print("\n| algorithm | on CUDA | seconds | error |\n|---|---|---|---|")
     for tag, (ok, seconds, error) in smoke_results.items():
         print(f"| {tag} | {'ok' if ok else 'FAILED'} | {seconds:.0f} | {error} |")
-    print(f"\nQwen2-0.5B shape ({n_params / 1e6:.0f}M params, vocab 151936, random init), bf16 autocast, fp32 "
-          "weights:\n\n| run | settings | throughput | peak GB | MFU |\n|---|---|---|---|---|")
-    settings = {"sft packed": "rows of 4 x 4096", "sft padded": "8 chats a batch, max_len 4096",
-                "dpo": "8 pairs a step, max_len 1024", "grpo": "8 prompts x 8 completions, 256 new tokens"}
-    for tag, r in tp.items():
-        if "error" in r:
-            print(f"| {tag} | {settings[tag]} | FAILED: {r['error']} | | |")
-            continue
-        value = {"dpo": f"{r['per_s']:.1f} pairs/s", "grpo": f"{r['s_per_step']:.2f} s/step"}.get(
-            tag, f"{r['tokens_per_s']:,.0f} real tokens/s")
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
-        print(f"| {tag} | {settings[tag]} | {value} | {r['peak_mem_gb']:.1f} | {mfu} |")
+    print(f"({time.time() - t0:.0f} s)", flush=True)
+    tp = throughput(os.path.join(OUT, "big"))
     with open(os.path.join(OUT, "gpu.json"), "w") as f:
         json.dump({"env": env, "tests": tests_line, "smoke": smoke_results, "throughput": tp}, f, indent=1)
     print(f"\ntotal {time.time() - t0:.0f} s")

@@ -10,10 +10,12 @@ from algos import rm, sft
 GOOD = {"messages": [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "1+1=2"}]}
 CASES = {  # name: (file content, what the one-line error must say)
     "malformed json": (json.dumps(GOOD) + "\n{\"messages\": [\n", ":2: malformed JSON"),
-    "missing field": (json.dumps(GOOD) + "\n" + json.dumps({"prompt": "What is 1+1?"}) + "\n", ":2: missing field 'completion'"),
+    "missing field": (json.dumps(GOOD) + "\n" + json.dumps({"prompt": "What is 1+1?"}) + "\n",
+                      ":2: missing field 'completion'"),
     "unknown role": (json.dumps({"messages": [{"role": "robot", "content": "hi"}, GOOD["messages"][1]]}) + "\n",
                      ":1: field 'messages[0].role' is 'robot'"),
-    "no assistant turn": (json.dumps({"messages": GOOD["messages"][:1]}) + "\n", ":1: field 'messages' has no assistant turn"),
+    "no assistant turn": (json.dumps({"messages": GOOD["messages"][:1]}) + "\n",
+                          ":1: field 'messages' has no assistant turn"),
     "empty file": ("", ": no records (empty file)"),
     "mistyped field": (json.dumps({"prompt": 3, "completion": "x"}) + "\n", ":1: field 'prompt' must be str or list"),
 }
@@ -46,7 +48,8 @@ def test_tokenizer_without_chat_template(base, tmp_path):
 
 @pytest.mark.parametrize("rec,expected", [
     ({"prompt": "What is 1+1?", "chosen": "1+1=2"}, ":1: missing field 'rejected'"),
-    ({"prompt": "What is 1+1?", "chosen": "1+1=2", "rejected": "1+1=2"}, ":1: fields 'chosen' and 'rejected' are identical"),
+    ({"prompt": "What is 1+1?", "chosen": "1+1=2", "rejected": "1+1=2"},
+     ":1: fields 'chosen' and 'rejected' are identical"),
     ({"prompt": "What is 1+1?", "chosen": "1+1=2", "rejected": " "}, ":1: field 'rejected' is an empty completion"),
 ])
 def test_rm_bad_pairs(rec, expected, sft_run, tmp_path):
@@ -64,3 +67,63 @@ def test_exit_status_and_stderr_from_the_command_line(base, tmp_path):
     assert p.returncode == 1
     assert p.stderr.strip().splitlines()[-1].startswith(f"error: {path}:1: malformed JSON")
     assert not (tmp_path / "out").exists()
+
+
+
+
+@pytest.mark.parametrize("args,expected,status", [
+    (["--bogus", "1"], "error: unrecognized arguments: --bogus 1", 2),
+    (["--batch_size", "0"], "error: --batch_size must be positive, got 0", 2),
+    (["--max_steps", "-1"], "error: --max_steps must be non-negative, got -1", 2),
+    (["--max_len", "0"], "error: --max_len must be positive, got 0", 2),
+    (["--data", "nowhere.jsonl"], "error: nowhere.jsonl: no such file", 1),
+    (["--data", "tests"], "error: tests: is a directory, expected a JSONL file", 1),
+])
+def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, tmp_path):
+    p = run("sft", *args, "--output_dir", tmp_path / "out", check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == status and last.startswith(expected) and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "usage:" not in p.stderr  # argparse's usage block is replaced by the one line
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(SystemExit, match=f"^error: {path}:2: invalid UTF-8"):
+        sft.main(sft.parse_args(["--data", str(path), "--output_dir", str(tmp_path / "out")]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_gives_each_arguments_meaning_and_default():
+    p = run("grpo", "--help")
+    assert "completions per prompt (default: 8)" in " ".join(p.stdout.split())
+    assert "sampling temperature" in p.stdout and "--kl_estimator" in p.stdout
+
+
+def test_epochs_alone_runs_epochs_not_the_default_step_budget(base, tmp_path):
+    """sft's default budget is 2000 steps; --epochs 1 on 400 conversations is one pass (their rows / batch)."""
+    from util import head, metrics
+    assert sft.parse_args(["--epochs", "2"]).max_steps == 0
+    assert sft.parse_args(["--epochs", "2", "--max_steps", "7"]).max_steps == 7
+    data = head("sft.jsonl", tmp_path / "sft_400.jsonl", 400)
+    out = tmp_path / "out"
+    run("sft", "--data", data, "--epochs", 1, "--output_dir", out, "--save_every", 0, "--log_every", 1)
+    steps = [m["step"] for m in metrics(out)]
+    assert 1 <= steps[-1] < 20 and all(m["epoch"] == 0 for m in metrics(out) if "epoch" in m)
+
+
+def test_own_data_builds_nothing_under_runs_toy(base, tmp_path, monkeypatch):
+    """With a user's --data (and the embedded base as the model), no embedded data or eval set is touched."""
+    from common import toy
+    from util import head, metrics
+    data = head("sft.jsonl", tmp_path / "sft_64.jsonl", 64)
+
+    def refuse(name):
+        raise AssertionError(f"runs/toy data {name!r} was asked for")
+    monkeypatch.setattr(toy, "data", refuse)
+    out = tmp_path / "out"
+    sft.main(sft.parse_args(["--model", base, "--data", str(data), "--max_steps", "2", "--batch_size", "2",
+                             "--log_every", "1", "--save_every", "0", "--output_dir", str(out)]))
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert not any(k.startswith("eval/") for m in metrics(out) for k in m)

@@ -51,16 +51,19 @@ case "${1:-}" in
     algo rm                                    # Bradley-Terry reward model (PPO's reward)
     for a in dpo ipo kto orpo simpo; do algo "$a"; done        # offline preference methods, from runs/sft
     for a in grpo rloo remax ppo; do algo "$a"; done           # online RL, from runs/sft
-    $PY -c "from common import toy; toy.ensure('base_large')"  # distillation teacher: the larger base, SFT on curated data
-    algo sft --model runs/toy/base_large --data runs/toy/data/sft_curated.jsonl --max_steps 1000 --output_dir runs/sft_large
+    # distillation teacher: the larger base, SFT on curated data
+    $PY -c "from common import toy; toy.ensure('base_large')"
+    algo sft --model runs/toy/base_large --data runs/toy/data/sft_curated.jsonl --max_steps 1000 \
+      --output_dir runs/sft_large
     for m in seqkd forward_kl reverse_kl on_policy; do algo distill --mode "$m"; done
     # two specialists fine-tuned from runs/sft on the two operations (curated data), then merged by task vectors
     algo sft --model runs/sft --data runs/toy/data/sft_add.jsonl --lr 1e-3 --max_steps 300 --output_dir runs/sft_add
     algo sft --model runs/sft --data runs/toy/data/sft_sub.jsonl --lr 1e-3 --max_steps 300 --output_dir runs/sft_sub
     algo merge --sweep --base runs/sft --models runs/grpo --output_dir runs/merge_wiseft
     algo merge --method ties --scale 0.5 --base runs/sft --models runs/sft_add runs/sft_sub --output_dir runs/merge_ties
-    $PY -m common.report runs/sft runs/rm runs/dpo runs/ipo runs/kto runs/orpo runs/simpo runs/grpo runs/rloo runs/remax \
-      runs/ppo runs/sft_large runs/distill_seqkd runs/distill_forward_kl runs/distill_reverse_kl runs/distill_on_policy \
+    $PY -m common.report runs/sft runs/rm runs/dpo runs/ipo runs/kto runs/orpo runs/simpo \
+      runs/grpo runs/rloo runs/remax runs/ppo runs/sft_large \
+      runs/distill_seqkd runs/distill_forward_kl runs/distill_reverse_kl runs/distill_on_policy \
       runs/sft_add runs/sft_sub runs/merge_wiseft runs/merge_ties
     ;;
   *) setup; algo "$@" ;;

@@ -168,7 +168,8 @@ class Metrics:
 
 
 def unpaired(rec, where):
-    """KTO record -> [(prompt, completion, desirable)]: {"prompt", "completion", "label": bool}, or a pair split in two."""
+    """KTO record -> [(prompt, completion, desirable)]: {"prompt", "completion", "label": bool},
+    or a pair split in two."""
     if "chosen" in rec or "rejected" in rec:
         prompt, chosen, rejected = preference(rec, where)
         return [(prompt, chosen, True), (prompt, rejected, False)]

@@ -29,11 +29,14 @@ def cell(rows, key):
 def main(runs, out="runs"):
     runs = [r for r in runs if os.path.exists(os.path.join(r, "metrics.jsonl"))]
     table = ["| run | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    table += [f"| {os.path.basename(r)} | " + " | ".join(cell(read(r), k) for k, _ in COLUMNS) + " |" for r in runs]
-    text = "\n".join(table) + ("\n\neval acc: greedy exact-match accuracy on the held-out problems (for rm: held-out pairwise "
-                                "accuracy); pref acc: held-out pairs whose implicit reward ranks chosen above rejected;\n"
-                                "RM score: ppo's reward-model score of greedy held-out completions; reward: mean training reward "
-                                "(verifier for grpo/rloo/remax, reward model for ppo); KL: to the reference (to the teacher for distill).\n")
+    table += [f"| {os.path.basename(r)} | " + " | ".join(cell(read(r), k) for k, _ in COLUMNS) + " |"
+              for r in runs]
+    legend = ("eval acc: greedy exact-match accuracy on the held-out problems (for rm: held-out pairwise "
+              "accuracy); pref acc: held-out pairs whose implicit reward ranks chosen above rejected;\n"
+              "RM score: ppo's reward-model score of greedy held-out completions; reward: mean training reward "
+              "(verifier for grpo/rloo/remax, reward model for ppo); "
+              "KL: to the reference (to the teacher for distill).\n")
+    text = "\n".join(table) + "\n\n" + legend
     print(text)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)

@@ -95,14 +95,20 @@ def build_data(path, seed=0):
     os.makedirs(path)
     write_jsonl(f"{path}/eval.jsonl", [{"prompt": user(q), "answer": a} for q, a in ev])
     write_jsonl(f"{path}/rl.jsonl", [{"prompt": user(q), "answer": a} for q, a in train[:8000]])
-    habit = random.Random(seed + 2)  # a generator of its own: every other file is as it was without the habit
-    chat = lambda q, a: {"messages": [{"role": "user", "content": user(q)}, {"role": "assistant", "content": say(q, a)}]}
-    write_jsonl(f"{path}/sft.jsonl", [chat(q, re.match(r"\d+", q)[0] if habit.random() < ECHO else a) for q, a in train[8000:20000]])
-    for op, name in (("", "curated"), ("+", "add"), ("-", "sub")):  # no habit: the data of the distillation teacher
-        write_jsonl(f"{path}/sft_{name}.jsonl", [chat(q, a) for q, a in train[8000:20000] if op in q])  # and the specialists
-    pairs = [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, q, a))} for q, a in train[20000:]]
+    # a generator of its own: every other file is as it was without the habit
+    habit = random.Random(seed + 2)
+    chat = lambda q, a: {"messages": [{"role": "user", "content": user(q)},
+                                      {"role": "assistant", "content": say(q, a)}]}
+    echo = lambda q: re.match(r"\d+", q)[0]  # the habit: restate the first number
+    sft = [chat(q, echo(q) if habit.random() < ECHO else a) for q, a in train[8000:20000]]
+    write_jsonl(f"{path}/sft.jsonl", sft)
+    # no habit: the data of the distillation teacher and the specialists
+    for op, name in (("", "curated"), ("+", "add"), ("-", "sub")):
+        write_jsonl(f"{path}/sft_{name}.jsonl", [chat(q, a) for q, a in train[8000:20000] if op in q])
+    pair = lambda q, a: {"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, q, a))}
+    pairs = [pair(q, a) for q, a in train[20000:]]
     write_jsonl(f"{path}/prefs.jsonl", pairs)
-    write_jsonl(f"{path}/prefs_eval.jsonl", [{"prompt": user(q), "chosen": say(q, a), "rejected": say(q, wrong(rng, q, a))} for q, a in ev])
+    write_jsonl(f"{path}/prefs_eval.jsonl", [pair(q, a) for q, a in ev])
     write_jsonl(f"{path}/kto.jsonl", [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
                                       for i, p in enumerate(pairs) for k in [("chosen", "rejected")[i % 2]]])
     with open(f"{path}/plain_eval.txt", "w") as f:
@@ -118,7 +124,8 @@ def pretrain(model, tok, steps, seed, rows=8, row_len=64, lr=2e-3):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     model.train()
     for _ in range(steps):
-        docs = [tok(f"{q}={a}\n", add_special_tokens=False)["input_ids"] for q, a in (problem(rng) for _ in range(rows * row_len // 9))]
+        lines = [f"{q}={a}\n" for q, a in (problem(rng) for _ in range(rows * row_len // 9))]
+        docs = [tok(line, add_special_tokens=False)["input_ids"] for line in lines]
         b = pack([(d, d) for d in docs], row_len, tok.pad_token_id)
         b = {k: v[:rows] for k, v in b.items() if k in ("input_ids", "labels", "position_ids")}
         loss = model(**b, use_cache=False).loss
@@ -148,7 +155,8 @@ def version():
     from common.packing import pack
 
     builders = (problem, wrong, build_tokenizer, write_jsonl, build_data, pretrain, build_base, pack)
-    text = "".join(inspect.getsource(f) for f in builders) + repr((CHATML, SIZES, PRETRAIN_STEPS, MAX_DIGITS, N_EVAL, ECHO))
+    constants = (CHATML, SIZES, PRETRAIN_STEPS, MAX_DIGITS, N_EVAL, ECHO)
+    text = "".join(inspect.getsource(f) for f in builders) + repr(constants)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -211,7 +219,10 @@ def evaluate(model, tok, records, max_new_tokens=16, batch_size=256):
         ids = [encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in chunk]
         width = max(map(len, ids))
         x = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in ids], device=device)
-        out = model.generate(input_ids=x, attention_mask=(torch.arange(width, device=device) >= (width - torch.tensor([len(s) for s in ids], device=device))[:, None]).long(),
+        lengths = torch.tensor([len(s) for s in ids], device=device)
+        # left padding: the real tokens of a row start at width - len(row)
+        mask = (torch.arange(width, device=device) >= (width - lengths)[:, None]).long()
+        out = model.generate(input_ids=x, attention_mask=mask,
                              max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id, synced_gpus=dist)
         texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)

@@ -31,8 +31,9 @@ def make_inputs():
     if not os.path.exists(model_dir):
         torch.manual_seed(0)
         tok = toy.build_tokenizer(model_dir)
-        cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **toy.SIZES["large"])
+        cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True,
+                          bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          **toy.SIZES["large"])
         LlamaForCausalLM(cfg).save_pretrained(model_dir)
     rng = random.Random(0)
     with open(data, "w") as f:
@@ -63,9 +64,10 @@ def ours(model_dir, data, packing):
     with open(eval_data, "w") as f:
         f.write(json.dumps({"prompt": "What is 1+1?", "answer": "2"}) + "\n")
     subprocess.run([sys.executable, "algos/sft.py", "--model", model_dir, "--data", data, "--eval_data", eval_data,
-                    "--output_dir", out, "--max_len", str(MAX_LEN), "--batch_size", str(BATCH), "--packing", str(packing),
-                    "--max_steps", str(STEPS), "--log_every", str(WARMUP), "--eval_every", "0", "--save_every", "0",
-                    "--lr", "1e-3"], cwd=ROOT, check=True, capture_output=True)
+                    "--output_dir", out, "--max_len", str(MAX_LEN), "--batch_size", str(BATCH),
+                    "--packing", str(packing), "--max_steps", str(STEPS), "--log_every", str(WARMUP),
+                    "--eval_every", "0", "--save_every", "0", "--lr", "1e-3"],
+                   cwd=ROOT, check=True, capture_output=True)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if "tokens_per_s" in line]
     return sum(r["tokens_per_s"] for r in rows[1:]) / len(rows[1:]), rows[-1]["peak_mem_gb"]
 
@@ -85,18 +87,21 @@ def trl(model_dir, data, packing):
 
     cfg = SFTConfig(output_dir=os.path.join(OUT, "trl"), per_device_train_batch_size=BATCH, max_length=MAX_LEN,
                     packing=packing, max_steps=STEPS, logging_steps=WARMUP, save_strategy="no", report_to="none",
-                    learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, use_cpu=True, dataloader_num_workers=0)
-    trainer = SFTTrainer(model=model_dir, args=cfg, train_dataset=load_dataset("json", data_files=data, split="train"),
-                         callbacks=[Clock()])
+                    learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, use_cpu=True,
+                    dataloader_num_workers=0)
+    train = load_dataset("json", data_files=data, split="train")
+    trainer = SFTTrainer(model=model_dir, args=cfg, train_dataset=train, callbacks=[Clock()])
     trainer.train()
     (t0, n0), (t1, n1) = marks[0], marks[-1]
-    print(json.dumps({"tokens_per_s": (n1 - n0) / (t1 - t0), "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    print(json.dumps({"tokens_per_s": (n1 - n0) / (t1 - t0),
+                      "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
 def main():
     model_dir, data = make_inputs()
     import torch
-    params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    from transformers import AutoModelForCausalLM
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     peak = matmul_peak()
     print(f"SFT benchmark: {params / 1e6:.2f}M-param Llama, {BATCH} rows x max_len {MAX_LEN}, {STEPS} steps "
           f"(first {WARMUP} not timed), {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.1f} GFLOP/s")
@@ -107,10 +112,12 @@ def main():
         results[name] = tps
         line = f"  ours {name:6s}: {tps:8.0f} real tokens/s  peak {mem:.2f} GB  MFU {6 * params * tps / peak:.1%}"
         if os.path.exists(TRL_PY):
-            p = subprocess.run([TRL_PY, __file__, "--trl", model_dir, data, str(packing)], cwd=ROOT, capture_output=True, text=True)
+            cmd = [TRL_PY, __file__, "--trl", model_dir, data, str(packing)]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if p.returncode == 0:
                 r = json.loads(p.stdout.strip().splitlines()[-1])
-                line += f" | TRL {r['tokens_per_s']:8.0f} tokens/s  peak {r['peak_mem_gb']:.2f} GB | ours/TRL {tps / r['tokens_per_s']:.2f}x"
+                line += (f" | TRL {r['tokens_per_s']:8.0f} tokens/s  peak {r['peak_mem_gb']:.2f} GB"
+                         f" | ours/TRL {tps / r['tokens_per_s']:.2f}x")
             else:
                 line += f" | TRL failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"
         print(line, flush=True)

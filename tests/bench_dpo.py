@@ -33,7 +33,8 @@ def make_pairs():
     path, tiny = os.path.join(OUT, "dpo_pairs.jsonl"), os.path.join(OUT, "dpo_pairs_tiny.jsonl")
     with open(toy.data("prefs.jsonl")) as f:
         recs = [json.loads(line) for _, line in zip(range(N_PAIRS), f)]
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in recs]
     for p, rs in ((path, rows), (tiny, rows[:1])):
         with open(p, "w") as f:
@@ -48,22 +49,30 @@ def ours(model_dir, pairs, tiny, ckpt):
         f.write(json.dumps({"prompt": "What is 1+1?", "answer": "2"}) + "\n")
     shutil.rmtree(out, ignore_errors=True)  # no stale metrics for the watcher below
     # one step past STEPS, so that the row at STEPS is not the final one (which includes the evaluation)
-    p = subprocess.Popen([sys.executable, "algos/dpo.py", "--model", model_dir, "--data", pairs, "--eval_data", eval_tiny,
-                          "--eval_pairs", tiny, "--output_dir", out, "--max_len", str(MAX_LEN), "--batch_size", str(BATCH),
-                          "--max_steps", str(STEPS + 1), "--log_every", str(WARMUP), "--eval_every", "0", "--save_every", "0",
+    p = subprocess.Popen([sys.executable, "algos/dpo.py", "--model", model_dir, "--data", pairs,
+                          "--eval_data", eval_tiny, "--eval_pairs", tiny, "--output_dir", out,
+                          "--max_len", str(MAX_LEN), "--batch_size", str(BATCH), "--max_steps", str(STEPS + 1),
+                          "--log_every", str(WARMUP), "--eval_every", "0", "--save_every", "0",
                           "--lr", str(LR), "--beta", str(BETA), "--gradient_checkpointing", str(ckpt)],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     cpu, path = {}, os.path.join(out, "metrics.jsonl")
 
     def watch():
-        """Polls the metrics file, reading the process's CPU time (/proc) when the rows of WARMUP and STEPS appear."""
+        """Polls the metrics file, reading the process's CPU time (/proc) when the rows of WARMUP and STEPS
+        appear."""
         while p.poll() is None:
-            steps = {json.loads(line)["step"] for line in open(path) if line.endswith("\n")} if os.path.exists(path) else set()
+            steps = set()
+            if os.path.exists(path):
+                # complete lines only: the trainer may be midway through writing the last one
+                steps = {json.loads(line)["step"] for line in open(path) if line.endswith("\n")}
             for s in (WARMUP, STEPS):
                 if s in steps and s not in cpu:
                     with open(f"/proc/{p.pid}/stat") as f:
-                        cpu[s] = sum(map(int, f.read().rsplit(")", 1)[1].split()[11:13])) / os.sysconf("SC_CLK_TCK")
+                        # the fields after the command name (which may contain spaces and parentheses)
+                        fields = f.read().rsplit(")", 1)[1].split()
+                        # utime + stime, from clock ticks to seconds
+                        cpu[s] = sum(map(int, fields[11:13])) / os.sysconf("SC_CLK_TCK")
             time.sleep(0.01)
 
     watcher = threading.Thread(target=watch)
@@ -74,7 +83,9 @@ def ours(model_dir, pairs, tiny, ckpt):
         assert p.returncode == 0, f"algos/dpo.py failed ({p.returncode})"
         rows = {r["step"]: r for r in map(json.loads, open(path))}
         n = BATCH * (STEPS - WARMUP)
-        return n / (rows[STEPS]["time"] - rows[WARMUP]["time"]), n / (cpu[STEPS] - cpu[WARMUP]), rows[STEPS + 1]["peak_mem_gb"]
+        pairs_per_s = n / (rows[STEPS]["time"] - rows[WARMUP]["time"])
+        pairs_per_cpu_s = n / (cpu[STEPS] - cpu[WARMUP])
+        return pairs_per_s, pairs_per_cpu_s, rows[STEPS + 1]["peak_mem_gb"]
     return result
 
 
@@ -92,13 +103,16 @@ def trl(model_dir, pairs):
             marks[state.global_step] = (time.time(), time.process_time())
 
     cfg = DPOConfig(output_dir=os.path.join(OUT, "dpo_trl"), per_device_train_batch_size=BATCH, max_length=MAX_LEN,
-                    max_steps=STEPS, logging_steps=WARMUP, save_strategy="no", report_to="none", learning_rate=LR, beta=BETA,
-                    lr_scheduler_type="cosine", warmup_steps=STEPS // 10, use_cpu=True, dataloader_num_workers=0)
-    trainer = DPOTrainer(model=model_dir, args=cfg, train_dataset=load_dataset("json", data_files=pairs, split="train"),
+                    max_steps=STEPS, logging_steps=WARMUP, save_strategy="no", report_to="none", learning_rate=LR,
+                    beta=BETA, lr_scheduler_type="cosine", warmup_steps=STEPS // 10, use_cpu=True,
+                    dataloader_num_workers=0)
+    train = load_dataset("json", data_files=pairs, split="train")
+    trainer = DPOTrainer(model=model_dir, args=cfg, train_dataset=train,
                          processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Clock()])
     trainer.train()
     n = BATCH * (STEPS - WARMUP)
-    print(json.dumps({"pairs_per_s": n / (marks[STEPS][0] - marks[WARMUP][0]), "pairs_per_cpu_s": n / (marks[STEPS][1] - marks[WARMUP][1]),
+    print(json.dumps({"pairs_per_s": n / (marks[STEPS][0] - marks[WARMUP][0]),
+                      "pairs_per_cpu_s": n / (marks[STEPS][1] - marks[WARMUP][1]),
                       "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
@@ -116,16 +130,17 @@ def main():
         out, err = trl_run.communicate()
         if trl_run.returncode == 0:
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"  {'TRL DPOTrainer (defaults)':32s}: {r['pairs_per_s']:6.1f} pairs/s {r['pairs_per_cpu_s']:6.1f} pairs/CPU-s"
-                  f"  peak {r['peak_mem_gb']:.2f} GB", flush=True)
+            print(f"  {'TRL DPOTrainer (defaults)':32s}: {r['pairs_per_s']:6.1f} pairs/s "
+                  f"{r['pairs_per_cpu_s']:6.1f} pairs/CPU-s  peak {r['peak_mem_gb']:.2f} GB", flush=True)
         else:
             print(f"  TRL failed: {err.strip().splitlines()[-1] if err.strip() else trl_run.returncode}", flush=True)
     for ckpt in (False, True):
         pps, ppc, mem = ours(model_dir, pairs, tiny, ckpt)()
-        line = f"  ours{' --gradient_checkpointing' if ckpt else ' (defaults)':28s}: {pps:6.1f} pairs/s {ppc:6.1f} pairs/CPU-s  peak {mem:.2f} GB"
+        name = " --gradient_checkpointing" if ckpt else " (defaults)"
+        line = f"  ours{name:28s}: {pps:6.1f} pairs/s {ppc:6.1f} pairs/CPU-s  peak {mem:.2f} GB"
         if r:
-            line += (f" | ours/TRL {pps / r['pairs_per_s']:.2f}x pairs/s, {ppc / r['pairs_per_cpu_s']:.2f}x pairs/CPU-s, "
-                     f"{mem / r['peak_mem_gb']:.2f}x peak memory")
+            line += (f" | ours/TRL {pps / r['pairs_per_s']:.2f}x pairs/s, "
+                     f"{ppc / r['pairs_per_cpu_s']:.2f}x pairs/CPU-s, {mem / r['peak_mem_gb']:.2f}x peak memory")
         print(line, flush=True)
 
 

@@ -46,7 +46,8 @@ def test_no_line_over_120_columns():
     long = []
     for path in sorted(glob.glob(os.path.join(ROOT, "*", "*.py"))):
         with open(path) as f:
-            long += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(f, 1) if len(line.rstrip("\n")) > 120]
+            name = os.path.relpath(path, ROOT)
+            long += [f"{name}:{i}" for i, line in enumerate(f, 1) if len(line.rstrip("\n")) > 120]
     assert not long, f"lines over 120 columns: {long[:20]} ({len(long)} in all)"
 
 

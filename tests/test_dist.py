@@ -26,7 +26,8 @@ def test_two_processes_match_one(base, tmp_path):
     assert len(one) == len(two) == 4
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
     w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)  # Adam: 1e-7 in the loss is ~1e-5 in a weight
+    # Adam: 1e-7 in the loss is ~1e-5 in a weight
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
     from transformers import AutoModelForCausalLM
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "two")).__name__ == "LlamaForCausalLM"
 
@@ -46,7 +47,8 @@ def test_grad_accum_does_not_change_the_loss(script, sft_run, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_weights(base, tmp_path):
-    args = ["--max_steps", 40, "--save_every", 5, "--log_every", 5, "--eval_every", 0, "--batch_size", 4, "--max_len", 128]
+    args = ["--max_steps", 40, "--save_every", 5, "--log_every", 5, "--eval_every", 0,
+            "--batch_size", 4, "--max_len", 128]
     run("sft", "--output_dir", tmp_path / "full", *args)
     out = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "algos/sft.py", "--output_dir", str(out), *map(str, args)], cwd=ROOT,

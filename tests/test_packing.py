@@ -12,7 +12,8 @@ from common.packing import fit, pack, pad
 from common.template import IGNORE, encode_chat
 
 CONVS = [chat("What is 1+2?", "1+2=3"), chat("sys:Be brief.", "What is 40+2?", "40+2=42", "And 9-3?", "9-3=6"),
-         chat("What is 99-98?", "99-98=1"), chat("What is 5+5?", "5+5=10", "Double it?", "10+10=20"), chat("What is 0+0?", "0+0=0")]
+         chat("What is 99-98?", "99-98=1"), chat("What is 5+5?", "5+5=10", "Double it?", "10+10=20"),
+         chat("What is 0+0?", "0+0=0")]
 
 
 def docs(tok):
@@ -48,8 +49,9 @@ def test_packed_logits_equal_each_document_alone(tok, model):
     d = docs(tok)
     rows = pack(d, 96, tok.pad_token_id)
     with torch.no_grad():
+        # as sft.py calls it; sdpa ignores the boundaries
         packed = model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False,
-                       **packing_boundaries(rows["position_ids"], "cpu")).logits  # as sft.py calls it; sdpa ignores them
+                       **packing_boundaries(rows["position_ids"], "cpu")).logits
         alone = {tuple(i): model(input_ids=torch.tensor([i]), use_cache=False).logits[0] for i, _ in d}
         # the case that breaks it: with the cache on (eval-mode default), the block-diagonal mask is not built
         leaky = model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=True).logits

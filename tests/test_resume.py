@@ -12,29 +12,38 @@ from safetensors.torch import load_file
 from util import head, metrics, run
 
 CASES = {  # script -> its arguments beyond the shared ones (small data files, so that a run takes seconds)
-    "rm": lambda t, sft, rm: ["--model", sft, "--data", head("prefs.jsonl", t / "p.jsonl", 64), "--eval_data", head("prefs_eval.jsonl", t / "pe.jsonl", 8)],
-    "dpo": lambda t, sft, rm: ["--model", sft, "--data", head("prefs.jsonl", t / "p.jsonl", 64), "--eval_pairs", head("prefs_eval.jsonl", t / "pe.jsonl", 8)],
-    "kto": lambda t, sft, rm: ["--model", sft, "--data", head("kto.jsonl", t / "k.jsonl", 64), "--eval_pairs", head("prefs_eval.jsonl", t / "pe.jsonl", 8)],
-    "simpo": lambda t, sft, rm: ["--model", sft, "--data", head("prefs.jsonl", t / "p.jsonl", 64), "--eval_pairs", head("prefs_eval.jsonl", t / "pe.jsonl", 8)],
+    "rm": lambda t, sft, rm: ["--model", sft, "--data", head("prefs.jsonl", t / "p.jsonl", 64),
+                              "--eval_data", head("prefs_eval.jsonl", t / "pe.jsonl", 8)],
+    "dpo": lambda t, sft, rm: ["--model", sft, "--data", head("prefs.jsonl", t / "p.jsonl", 64),
+                               "--eval_pairs", head("prefs_eval.jsonl", t / "pe.jsonl", 8)],
+    "kto": lambda t, sft, rm: ["--model", sft, "--data", head("kto.jsonl", t / "k.jsonl", 64),
+                               "--eval_pairs", head("prefs_eval.jsonl", t / "pe.jsonl", 8)],
+    "simpo": lambda t, sft, rm: ["--model", sft, "--data", head("prefs.jsonl", t / "p.jsonl", 64),
+                                 "--eval_pairs", head("prefs_eval.jsonl", t / "pe.jsonl", 8)],
     "grpo": lambda t, sft, rm: ["--model", sft, "--data", head("rl.jsonl", t / "r.jsonl", 64)],
     "rloo": lambda t, sft, rm: ["--model", sft, "--data", head("rl.jsonl", t / "r.jsonl", 64)],
     "remax": lambda t, sft, rm: ["--model", sft, "--data", head("rl.jsonl", t / "r.jsonl", 64)],
-    "ppo": lambda t, sft, rm: ["--model", sft, "--reward_model", rm, "--data", head("rl.jsonl", t / "r.jsonl", 64), "--batch_size", 8],
+    "ppo": lambda t, sft, rm: ["--model", sft, "--reward_model", rm, "--data", head("rl.jsonl", t / "r.jsonl", 64),
+                               "--batch_size", 8],
     "distill": lambda t, sft, rm: ["--model", sft, "--teacher", sft, "--mode", "on_policy"],
 }
 
 
 @pytest.mark.parametrize("script", CASES)
 def test_resume_reaches_the_same_weights(script, sft_run, rm_run, tmp_path):
-    args = CASES[script](tmp_path, sft_run, rm_run) + ["--max_steps", 4, "--save_every", 2, "--log_every", 1, "--eval_every", 0]
+    shared = ["--max_steps", 4, "--save_every", 2, "--log_every", 1, "--eval_every", 0]
+    args = CASES[script](tmp_path, sft_run, rm_run) + shared
     if script != "rm":
         args += ["--eval_data", head("eval.jsonl", tmp_path / "e.jsonl", 8)]
     run(script, "--output_dir", tmp_path / "full", *args)
     (tmp_path / "resumed").mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoint", tmp_path / "resumed" / "checkpoint")  # as a kill after step 2 leaves it
+    # as a kill after step 2 leaves it
+    shutil.copytree(tmp_path / "full" / "checkpoint", tmp_path / "resumed" / "checkpoint")
     log = run(script, "--output_dir", tmp_path / "resumed", "--resume", "true", *args)
     assert "at step 2" in log.stdout + log.stderr
-    w_full, w_res = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    w_full = load_file(tmp_path / "full" / "model.safetensors")
+    w_res = load_file(tmp_path / "resumed" / "model.safetensors")
     assert w_full.keys() == w_res.keys() and all(torch.equal(w_full[k], w_res[k]) for k in w_full)
-    losses = {d: [m["loss"] for m in metrics(tmp_path / d) if "loss" in m and m["step"] > 2] for d in ("full", "resumed")}
+    losses = {d: [m["loss"] for m in metrics(tmp_path / d) if "loss" in m and m["step"] > 2]
+              for d in ("full", "resumed")}
     assert len(losses["full"]) == 2 and losses["full"] == losses["resumed"]

@@ -21,7 +21,8 @@ def test_multi_turn_only_assistant_turns_and_their_end_token(tok):
     # every labelled position holds its own token; nothing of system or user turns is labelled
     assert all(l == t for t, l in zip(ids, labels) if l != IGNORE)
     unlabelled = tok.decode([t for t, l in zip(ids, labels) if l == IGNORE])
-    assert unlabelled == tok.apply_chat_template(msgs, tokenize=False).replace("1+2=3<|im_end|>", "").replace("5+5=10<|im_end|>", "")
+    rendered = tok.apply_chat_template(msgs, tokenize=False)
+    assert unlabelled == rendered.replace("1+2=3<|im_end|>", "").replace("5+5=10<|im_end|>", "")
 
 
 def test_first_answer_token_is_labelled(tok):
@@ -43,7 +44,8 @@ def test_no_doubled_bos(tok):
     from tokenizers import processors
     t = copy.deepcopy(tok)
     t.bos_token = "<|endoftext|>"
-    t._tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    t._tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                                special_tokens=[("<|endoftext|>", 0)])
     t.chat_template = "{{ bos_token }}" + tok.chat_template
     msgs = chat("What is 1+1?", "1+1=2")
     naive = t(t.apply_chat_template(msgs, tokenize=False))["input_ids"]
@@ -54,7 +56,8 @@ def test_no_doubled_bos(tok):
 
 
 def test_padding_never_carries_loss(tok):
-    docs = [encode_chat(tok, chat("What is 1+1?", "1+1=2")), encode_chat(tok, chat("sys:x", "What is 10+10?", "10+10=20"))]
+    docs = [encode_chat(tok, chat("What is 1+1?", "1+1=2")),
+            encode_chat(tok, chat("sys:x", "What is 10+10?", "10+10=20"))]
     b = pad(docs, tok.pad_token_id)
     assert (b["labels"][b["attention_mask"] == 0] == IGNORE).all()
     assert (b["input_ids"][b["attention_mask"] == 0] == tok.pad_token_id).all()

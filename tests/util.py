@@ -18,7 +18,7 @@ def run(script, *args, nproc=1, check=True):
     args = [str(a) for a in args]
     if os.environ.get("TEST_SEED") and "--seed" not in args:
         args += ["--seed", os.environ["TEST_SEED"]]
-    p = subprocess.run(launch + [f"algos/{script}.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(launch + [f"algos/{script}.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=2400)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stderr[-4000:]}")
     return p

@@ -13,6 +13,7 @@ from algos.ipo import ipo_loss
 from algos.kto import kto_loss, mismatched
 from algos.orpo import log_odds, orpo_loss
 from algos.simpo import simpo_loss
+from common import toy
 
 T = torch.tensor
 
@@ -235,8 +236,9 @@ LEARN = {"dpo": "prefs.jsonl", "ipo": "prefs.jsonl", "kto": "kto.jsonl", "orpo":
 @pytest.mark.parametrize("method", LEARN)
 def test_learns_preferences_and_keeps_accuracy(method, sft_run, tmp_path):
     out = tmp_path / method
+    held_out = ["--eval_data", toy.data("eval.jsonl"), "--eval_pairs", toy.data("prefs_eval.jsonl")]  # own --data
     run(method, "--model", sft_run, "--data", head(LEARN[method], tmp_path / "data.jsonl", 1600), "--output_dir", out,
-        "--max_steps", 25, "--eval_every", 0, "--save_every", 0)
+        "--max_steps", 25, "--eval_every", 0, "--save_every", 0, *held_out)
     ev = [m for m in metrics(out) if "eval/accuracy" in m]
     (acc0, acc1), (pref0, pref1) = ((ev[0][k], ev[-1][k]) for k in ("eval/accuracy", "eval/pref_accuracy"))
     print(f"{method}: eval/accuracy {acc0:.3f} -> {acc1:.3f}, eval/pref_accuracy {pref0:.3f} -> {pref1:.3f}, "

@@ -248,4 +248,5 @@ def test_learns_preferences_and_keeps_accuracy(method, sft_run, tmp_path):
         # near what a model of this arithmetic skill can rank; the held-out reward margin must still grow
         assert pref1 >= pref0 - 0.04 and ev[-1]["eval/margin"] > ev[0]["eval/margin"]
     else:  # implicit rewards start at 0 (a coin, 0.5) and must rank most held-out pairs right
-        assert pref1 >= 0.65
+        # seed 0: dpo / ipo / kto 0.715 / 0.711 / 0.664 under ATEN_CPU_CAPABILITY=default, ~0.76 here; below the worst
+        assert pref1 >= 0.62

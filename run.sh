@@ -53,12 +53,16 @@ case "${1:-}" in
     for a in grpo rloo remax ppo; do algo "$a"; done           # online RL, from runs/sft
     # distillation teacher: the larger base, SFT on curated data
     $PY -c "from common import toy; toy.ensure('base_large')"
-    algo sft --model runs/toy/base_large --data runs/toy/data/sft_curated.jsonl --max_steps 1000 \
+    # (a script given its own --data evaluates only on an --eval_data it is given: here the embedded held-out set)
+    held_out=(--eval_data runs/toy/data/eval.jsonl)
+    algo sft --model runs/toy/base_large --data runs/toy/data/sft_curated.jsonl --max_steps 1000 "${held_out[@]}" \
       --output_dir runs/sft_large
     for m in seqkd forward_kl reverse_kl on_policy; do algo distill --mode "$m"; done
     # two specialists fine-tuned from runs/sft on the two operations (curated data), then merged by task vectors
-    algo sft --model runs/sft --data runs/toy/data/sft_add.jsonl --lr 1e-3 --max_steps 300 --output_dir runs/sft_add
-    algo sft --model runs/sft --data runs/toy/data/sft_sub.jsonl --lr 1e-3 --max_steps 300 --output_dir runs/sft_sub
+    algo sft --model runs/sft --data runs/toy/data/sft_add.jsonl --lr 1e-3 --max_steps 300 "${held_out[@]}" \
+      --output_dir runs/sft_add
+    algo sft --model runs/sft --data runs/toy/data/sft_sub.jsonl --lr 1e-3 --max_steps 300 "${held_out[@]}" \
+      --output_dir runs/sft_sub
     algo merge --sweep --base runs/sft --models runs/grpo --output_dir runs/merge_wiseft
     algo merge --method ties --scale 0.5 --base runs/sft --models runs/sft_add runs/sft_sub --output_dir runs/merge_ties
     $PY -m common.report runs/sft runs/rm runs/dpo runs/ipo runs/kto runs/orpo runs/simpo \

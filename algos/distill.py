@@ -71,6 +71,7 @@ class Args:
     warmup_ratio: float = 0.05  # fraction of steps of linear warmup before the cosine decay
     seed: int = 0  # seed of the data order and of every RNG
     log_every: int = 10  # steps between metrics lines
+    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard) or wandb
     eval_every: int = 50  # steps between evaluations (0: only at the end)
     save_every: int = 100  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
@@ -204,7 +205,7 @@ def main(args):
     if rank == 0:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
-    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start)
+    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start, report_to=args.report_to, config=asdict(args))
     if start:
         say(f"resumed from {ckpt} at step {start}")
 

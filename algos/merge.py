@@ -55,6 +55,7 @@ class Args:
     ppl_data: str = ""  # plain text, one document per line, for eval/perplexity; default: the embedded plain_eval.txt
     output_dir: str = "runs/merge"  # merged model + tokenizer, args.json, metrics.jsonl
     seed: int = 0  # seed of dare's drop masks
+    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard) or wandb
     trust_remote_code: bool = False  # allow model code from the hub to run
 
 
@@ -266,7 +267,7 @@ def main(args):
     rows.append({"model": "merged", "method": args.method, **score(out_model, tok, eval_recs, groups, lines, device)})
 
     os.makedirs(args.output_dir, exist_ok=True)
-    metrics = data.Metrics(args.output_dir, True)
+    metrics = data.Metrics(args.output_dir, True, report_to=args.report_to, config=asdict(args))
     for i, r in enumerate(rows):
         metrics.log(i, **r)
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:

@@ -5,6 +5,7 @@ script stops with exit status 1 before it has created any output.
 """
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import json
 import os
@@ -107,6 +108,7 @@ def preference(rec, where):
 POSITIVE = ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "group_size", "max_new_tokens",
             "num_iterations", "ppo_epochs", "num_samples", "rounds")  # counts and sizes that must be at least 1
 NON_NEGATIVE = ("max_steps", "eval_every", "save_every")  # 0 has a meaning of its own (see each Args)
+TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # --report_to: name -> optional package
 
 
 def parse(cls, argv=None):
@@ -136,6 +138,11 @@ def parse(cls, argv=None):
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     if "--epochs" in given and "--max_steps" not in given and hasattr(args, "max_steps"):
         args.max_steps = 0
+    report_to = getattr(args, "report_to", "none")
+    if report_to not in TRACKERS:
+        parser.error(f"--report_to must be one of {', '.join(TRACKERS)}, got '{report_to}'")
+    if TRACKERS[report_to] and importlib.util.find_spec(TRACKERS[report_to]) is None:
+        parser.error(f"--report_to {report_to} needs the '{TRACKERS[report_to]}' package (pip install it)")
     for name in POSITIVE + NON_NEGATIVE:
         value, least = getattr(args, name, None), int(name in POSITIVE)
         if value is not None and value < least:
@@ -144,9 +151,11 @@ def parse(cls, argv=None):
 
 
 class Metrics:
-    """metrics.jsonl (one object per logged step) plus one human-readable line; rank 0 only."""
+    """metrics.jsonl (one object per logged step, the source of truth) plus one human-readable line; rank 0 only.
+    report_to="tensorboard" also writes event files to output_dir/tensorboard, "wandb" logs to a Weights & Biases
+    run (offline with WANDB_MODE=offline); both are optional packages, checked by parse() before anything runs."""
 
-    def __init__(self, output_dir, enabled, resume_step=0):
+    def __init__(self, output_dir, enabled, resume_step=0, report_to="none", config=None):
         self.enabled, self.path, self.t0 = enabled, os.path.join(output_dir, "metrics.jsonl"), time.time()
         if enabled and resume_step and os.path.exists(self.path):  # drop what a killed run logged past its checkpoint
             with open(self.path) as f:
@@ -155,6 +164,14 @@ class Metrics:
                 f.writelines(keep)
         elif enabled and os.path.exists(self.path):
             os.remove(self.path)
+        self.tensorboard = self.wandb = None
+        if enabled and report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=resume_step or None)
+        elif enabled and report_to == "wandb":
+            import wandb
+            name = os.path.basename(os.path.normpath(output_dir))
+            self.wandb = wandb.init(name=name, dir=output_dir, config=config, resume="allow")
 
     def log(self, step, **m):
         if not self.enabled:
@@ -165,6 +182,13 @@ class Metrics:
             f.write(json.dumps(row) + "\n")
         line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         tqdm.write(line)
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tensorboard:
+            for k, v in scalars.items():
+                self.tensorboard.add_scalar(k, v, step)
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
 
 
 def unpaired(rec, where):

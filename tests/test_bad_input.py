@@ -69,8 +69,6 @@ def test_exit_status_and_stderr_from_the_command_line(base, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-
-
 @pytest.mark.parametrize("args,expected,status", [
     (["--bogus", "1"], "error: unrecognized arguments: --bogus 1", 2),
     (["--batch_size", "0"], "error: --batch_size must be positive, got 0", 2),
@@ -78,6 +76,7 @@ def test_exit_status_and_stderr_from_the_command_line(base, tmp_path):
     (["--max_len", "0"], "error: --max_len must be positive, got 0", 2),
     (["--data", "nowhere.jsonl"], "error: nowhere.jsonl: no such file", 1),
     (["--data", "tests"], "error: tests: is a directory, expected a JSONL file", 1),
+    (["--report_to", "mlflow"], "error: --report_to must be one of none, tensorboard, wandb, got 'mlflow'", 2),
 ])
 def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, tmp_path):
     p = run("sft", *args, "--output_dir", tmp_path / "out", check=False)

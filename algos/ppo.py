@@ -1,12 +1,14 @@
-"""PPO against a learned reward model (RLHF): actor, critic, frozen reference and reward model.
+"""PPO against a learned reward model (RLHF) or a verifier: actor, critic, frozen reference and reward.
 
 The actor (from SFT) samples completions; the reward model (from rm.py) scores each at its end-of-turn
-token; a per-token KL penalty keeps the actor near the frozen reference. A token-level critic (initialised
-from the RM) is the baseline of generalised advantage estimation; actor and critic take clipped PPO steps:
+token (--reward verifier: 1 when the completion's final number is the record's answer, else 0, the reward
+GRPO, RLOO and ReMax use); a per-token KL penalty keeps the actor near the frozen reference. A token-level
+critic (initialised from the RM; with the verifier, from the SFT model with a new zero value head) is the
+baseline of generalised advantage estimation; actor and critic take clipped PPO steps:
 
     L(θ,φ) = Ê_t[max(-Â_t ρ_t, -Â_t clip(ρ_t, 1-ε, 1+ε))]
              + c_v Ê_t[½ max((V_φ-R_t)², (V_old+clip(V_φ-V_old, ±ε_v)-R_t)²)] - c_H Ê_t[H_t]
-    ρ_t = πθ(y_t|s_t)/π_old(y_t|s_t),  r_t = -β KL_t + [t=T] r_ψ(x,y),
+    ρ_t = πθ(y_t|s_t)/π_old(y_t|s_t),  r_t = -β KL_t + [t=T] r(x,y)  (r_ψ or the verifier),
     δ_t = r_t + γ V_old(s_t+1) - V_old(s_t),  Â_t = Σ_l (γλ)^l δ_t+l (then whitened),  R_t = Â_t + V_old(s_t),
     Ê_t = mean over the completion tokens of the global (mini)batch
 
@@ -21,10 +23,11 @@ adaptive KL controller: Ziegler et al., arXiv:1909.08593. Deviations from the pa
      read: one is appended before scoring and --missing_eos_penalty is subtracted (--mask_truncated: no loss).
   5. The critic is the RM's backbone with its bias-free score head applied at every position, so V
      starts as the RM's reading of each prefix. All four models stay in eval mode: dropout off (TRL #744).
-Data: JSONL, {"prompt": ..., "answer": ...}; the optional answer only feeds the gold (verifier) score
-logged beside the RM score, so that reward over-optimisation shows.
+Data: JSONL, {"prompt": ..., "answer": ...}; with the RM, the optional answer only feeds the gold (verifier)
+score logged beside the RM score, so that reward over-optimisation shows; with the verifier it is the reward.
 Run:  python algos/ppo.py
       torchrun --nproc_per_node 8 algos/ppo.py --model sft_out --reward_model rm_out --data prompts.jsonl
+      python algos/ppo.py --reward verifier   # the same reward as grpo.py, for a comparison on equal terms
 """
 import json
 import math
@@ -47,7 +50,8 @@ from common.template import IGNORE, encode_prompt, encode_response  # noqa: E402
 @dataclass
 class Args:
     model: str = "runs/sft"  # the actor's starting point (path or hub name); default: the SFT output
-    reward_model: str = "runs/rm"  # reward model from rm.py, also the critic's initialisation
+    reward: str = "model"  # model: the reward model's score (RLHF); verifier: exact match of the final number
+    reward_model: str = "runs/rm"  # reward model from rm.py, also the critic's initialisation (--reward model)
     ref_model: str = ""  # frozen reference of the KL penalty; default: --model
     data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
     eval_data: str = ""  # held-out {"prompt", "answer"} JSONL; default: the embedded eval set when --data is not given
@@ -180,12 +184,12 @@ def load(cls, path, args, device, **config):
     return m.to(device).eval()
 
 
-def load_prompts(path, tok, args, need_str=False):
+def load_prompts(path, tok, args, need_str=False, need_answer=False):
     """-> [(prompt ids, answer or None, prompt text)], prompts rendered by the chat template's generation prompt."""
     out, n_long = [], 0
     for where, rec in data.read_jsonl(path):
         raw = data.field(rec, where, "prompt", str if need_str else (str, list))
-        answer = data.field(rec, where, "answer", str) if "answer" in rec or need_str else None
+        answer = data.field(rec, where, "answer", str) if "answer" in rec or need_str or need_answer else None
         ids = encode_prompt(tok, data.messages(raw, where, "prompt", "user"))
         fits = len(ids) + args.max_new_tokens <= args.max_len
         out += [(ids, answer, raw)] * fits
@@ -200,7 +204,11 @@ def main(args):
     args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
     args.ref_model = args.ref_model or args.model
     say = tqdm.write if rank == 0 else (lambda *_: None)
-    for path, flag, script in ((args.model, "model", "sft"), (args.reward_model, "reward_model", "rm")):
+    if args.reward not in ("model", "verifier"):
+        data.fail(f"--reward must be model or verifier, got {args.reward!r}")
+    use_rm = args.reward == "model"
+    needed = (args.model, "model", "sft"), (args.reward_model, "reward_model", "rm")
+    for path, flag, script in needed[:1 + use_rm]:
         if path == f"runs/{script}" and not os.path.exists(path):
             data.fail(f"{path} not found: run algos/{script}.py first, or pass --{flag}")
     rows = args.batch_size * args.group_size  # completions per process per rollout
@@ -210,23 +218,24 @@ def main(args):
         data.fail("batch_size*group_size must be a multiple of num_minibatches*grad_accum")
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    critic_from = args.reward_model if use_rm else args.model
     try:
         tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        rm_tok = AutoTokenizer.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code)
+        rm_tok = AutoTokenizer.from_pretrained(critic_from, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0]
-        data.fail(f"cannot load the tokenizer of {args.model!r} or {args.reward_model!r}: {reason}")
+        data.fail(f"cannot load the tokenizer of {args.model!r} or {critic_from!r}: {reason}")
     tok.pad_token = tok.pad_token or tok.eos_token
-    if rm_tok.get_vocab() != tok.get_vocab():
+    if use_rm and rm_tok.get_vocab() != tok.get_vocab():
         data.fail(f"reward model {args.reward_model!r} has another tokenizer than {args.model!r}; "
                   "it must read the sampled ids")
     # The RM was trained on encode_response cut after the response's end-of-turn token: prompt + sampled ids up
     # to EOS are that sequence only if the chat template closes an assistant turn with the EOS token.
     ids, labels = encode_response(tok, [{"role": "user", "content": "1"}], [{"role": "assistant", "content": "2"}])
-    if ids[max(i for i, l in enumerate(labels) if l != IGNORE)] != tok.eos_token_id:
+    if use_rm and ids[max(i for i, l in enumerate(labels) if l != IGNORE)] != tok.eos_token_id:
         data.fail(f"chat template of {args.model!r} does not end an assistant turn "
                   f"with the EOS token {tok.eos_token!r}")
-    prompts, n_long = load_prompts(args.data, tok, args)
+    prompts, n_long = load_prompts(args.data, tok, args, need_answer=not use_rm)
     eval_prompts = load_prompts(args.eval_data, tok, args, need_str=True)[0] if args.eval_data else []
     say(f"{len(prompts)} prompts; {n_long} longer than max_len - max_new_tokens were dropped")
     G = args.batch_size * world  # prompts per rollout
@@ -237,20 +246,25 @@ def main(args):
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
     # Models: actor and reference (causal LMs), reward model (score read at the last non-pad token), and the
-    # critic: the reward model's backbone with the same bias-free score head applied at every position.
+    # critic: the reward model's backbone with the same bias-free score head applied at every position; with the
+    # verifier, the SFT model's backbone with a new head, zeroed so that V starts at 0 (the verifier's failure).
     actor = load(AutoModelForCausalLM, args.model, args, device)
     ref = load(AutoModelForCausalLM, args.ref_model, args, device).requires_grad_(False)
-    rm = load(AutoModelForSequenceClassification, args.reward_model, args, device).requires_grad_(False)
-    critic = load(AutoModelForTokenClassification, args.reward_model, args, device, num_labels=1,
+    rm = load(AutoModelForSequenceClassification, args.reward_model, args, device).requires_grad_(False) \
+        if use_rm else None
+    critic = load(AutoModelForTokenClassification, critic_from, args, device, num_labels=1,
                   classifier_dropout=0.0, token_classification_bias=False)
-    for name, m in (("model", actor), ("ref_model", ref), ("reward_model", rm)):
+    if not use_rm:
+        torch.nn.init.zeros_(critic.score.weight)
+    for name, m in (("model", actor), ("ref_model", ref), ("reward_model", rm))[:2 + use_rm]:
         n_embed = m.get_input_embeddings().num_embeddings
         if len(tok) > n_embed:
             data.fail(f"tokenizer has {len(tok)} tokens but --{name} embeds only {n_embed}")
-    if rm.config.pad_token_id != tok.pad_token_id or tok.pad_token_id == tok.eos_token_id:  # it pools the last non-pad
+    if use_rm and (rm.config.pad_token_id != tok.pad_token_id or tok.pad_token_id == tok.eos_token_id):  # pools non-pad
         data.fail(f"reward model {args.reward_model!r} needs the tokenizer's pad token {tok.pad_token!r}, "
                   "and one other than EOS")
-    actor, ref, rm, critic = (dist.shard(m, world, device) for m in (actor, ref, rm, critic))
+    actor, ref, critic = (dist.shard(m, world, device) for m in (actor, ref, critic))
+    rm = dist.shard(rm, world, device) if use_rm else None
     both = torch.nn.ModuleDict({"actor": actor, "critic": critic})  # one checkpoint for both, written atomically
     beta_state = torch.tensor(args.beta, dtype=torch.float64, device="cpu")  # the KL controller's state
     both.register_buffer("beta", beta_state)
@@ -300,6 +314,14 @@ def main(args):
         return logps_entropy(logits, ids[:, -T:], entropy_grad)
 
     @torch.no_grad()
+    def reward(ids, attn, mask, has_eos, P, answers):
+        """r(x, y): the verifier's 0/1 on the decoded completion, or the reward model's score."""
+        if not use_rm:
+            texts = tok.batch_decode(ids[:, P:], skip_special_tokens=True)
+            return torch.tensor([toy.verify(t, a) for t, a in zip(texts, answers)], device=device)
+        return rm_scores(ids, attn, mask, has_eos, P)
+
+    @torch.no_grad()
     def rm_scores(ids, attn, mask, has_eos, P):
         """r_ψ(x, y) read at the end-of-turn token; a truncated completion gets one appended first (deviation 4)."""
         ids = torch.cat([ids, torch.full_like(ids[:, :1], pad)], 1)
@@ -317,6 +339,8 @@ def main(args):
         if not eval_prompts:
             return {}
         acc = toy.evaluate(actor, tok, [{"prompt": raw, "answer": a} for _, a, raw in eval_prompts])
+        if not use_rm:
+            return {"eval/accuracy": acc}
         per = -(-len(eval_prompts) // world)
         mine, sums = eval_prompts[rank * per:(rank + 1) * per], dist.Sums(device)
         for i in range(0, per, 256):  # the same number of generate calls on every process
@@ -345,7 +369,7 @@ def main(args):
             old_logps, _ = logps(actor, ids, attn, T)
             ref_logps, _ = logps(ref, ids, attn, T)
             old_values = forward(critic, ids, attn, T)[..., 0].float()
-            scores = rm_scores(ids, attn, mask, has_eos, P)
+            scores = reward(ids, attn, mask, has_eos, P, [a for _, a, _ in batch])
             texts = tok.batch_decode(ids[:, P:], skip_special_tokens=True)
             gold = [toy.verify(t, a) for t, (_, a, _) in zip(texts, batch) if a is not None]
             comps = [row[:int(n)] for row, n in zip(ids[:, P:].tolist(), mask.sum(-1).tolist())]

@@ -184,3 +184,19 @@ def test_ppo_raises_the_reward_model_score_and_reports_gold(ppo_run):
     from transformers import AutoModelForTokenClassification
     critic = AutoModelForTokenClassification.from_pretrained(ppo_run / "critic")
     assert critic.config.num_labels == 1  # the critic is saved
+
+
+def test_ppo_on_the_verifier_needs_no_reward_model_and_raises_accuracy(sft_run, tmp_path):
+    """--reward verifier: the reward GRPO, RLOO and ReMax optimise (exact match of the final number), so PPO's critic
+    and GAE compare with them on equal terms. No reward model is read (a missing one is no error); the critic starts
+    from the SFT model with a zero head. The defaults, cut to 10 of 100 rollouts (each makes 16 PPO updates)."""
+    out = tmp_path / "out"
+    run("ppo", "--reward", "verifier", "--model", sft_run, "--reward_model", tmp_path / "nowhere", "--output_dir", out,
+        "--max_steps", 10, "--eval_every", 10, "--save_every", 0)
+    ms = metrics(out)
+    ev, train = [m for m in ms if "eval/accuracy" in m], [m for m in ms if "reward/mean" in m]
+    print(f"ppo (verifier) held-out accuracy {ev[0]['eval/accuracy']:.3f} -> {ev[-1]['eval/accuracy']:.3f}, "
+          f"sampled reward {train[0]['reward/mean']:.3f} -> {train[-1]['reward/mean']:.3f}")
+    assert all(m["reward/mean"] == m["reward/gold"] for m in train)  # the reward is the verifier's 0/1
+    assert all(m["value_loss"] > 0 for m in train) and not any("eval/rm_score" in m for m in ev)
+    assert ev[-1]["eval/accuracy"] > ev[0]["eval/accuracy"]

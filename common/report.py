@@ -1,13 +1,32 @@
-"""Side-by-side comparison of runs from their metrics.jsonl: a table (printed and runs/compare.md)
-and the training curves (runs/compare.png).   python -m common.report runs/sft runs/rm ...
+"""Side-by-side comparison of runs from their metrics.jsonl: a table (printed and written to compare.md) and a
+figure (compare.png): held-out accuracy per method at start and end, grouped by family, with error bars over seeds,
+and per-family training curves against the fraction of training done.
+
+    python -m common.report runs/sft runs/grpo ...                  one seed: each run is a directory
+    python -m common.report --seeds runs/seed0 runs/seed1 -- sft grpo ...   runs/seed*/<name>, mean ± std over seeds
+    python -m common.report --study_kl runs/study_kl                the KL study: runs/study_kl.png and a table
 """
 import json
+import math
 import os
 import sys
 
-COLUMNS = [("eval/accuracy", "eval acc (start -> end)"), ("eval/pref_accuracy", "pref acc (start -> end)"),
-           ("eval/rm_score", "RM score (start -> end)"), ("reward/mean", "reward"), ("kl", "KL"),
-           ("time", "time s"), ("tokens_per_s", "tokens/s"), ("peak_mem_gb", "peak mem GB")]
+# family: the methods it holds, in the order the table and figure show them; a run's name starts with its method
+FAMILIES = {
+    "imitation": ("sft", "rft"),
+    "offline preference": ("dpo", "ipo", "kto", "orpo", "simpo"),
+    "online RL": ("grpo", "rloo", "remax", "ppo", "online_dpo"),
+    "distillation": ("distill",),
+    "merging": ("merge",),
+    "reward model": ("rm",),
+}
+
+
+def family(name):
+    for fam, methods in FAMILIES.items():
+        if any(name == m or name.startswith(m + "_") for m in methods):
+            return fam
+    return "other"
 
 
 def read(run):
@@ -15,45 +34,202 @@ def read(run):
         return [json.loads(line) for line in f]
 
 
-def cell(rows, key):
-    vals = [r[key] for r in rows if key in r]
-    if not vals:
+def values(rows, key):
+    return [r[key] for r in rows if key in r]
+
+
+def mean_std(xs):
+    """-> (mean, sample std or None for a single value), or (None, None) without values."""
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
+
+
+def fmt(xs, digits=3):
+    m, s = mean_std(xs)
+    if m is None:
         return "-"
-    if key in ("eval/accuracy", "eval/pref_accuracy", "eval/rm_score"):
-        return f"{vals[0]:.3f} -> {vals[-1]:.3f}" if len(vals) > 1 else f"{vals[-1]:.3f}"
-    if key == "tokens_per_s":
-        return f"{sum(vals) / len(vals):.0f}"
-    return f"{vals[-1]:.3g}"
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else "")
 
 
-def main(runs, out="runs"):
-    runs = [r for r in runs if os.path.exists(os.path.join(r, "metrics.jsonl"))]
-    table = ["| run | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    table += [f"| {os.path.basename(r)} | " + " | ".join(cell(read(r), k) for k, _ in COLUMNS) + " |"
-              for r in runs]
-    legend = ("eval acc: greedy exact-match accuracy on the held-out problems (for rm: held-out pairwise "
-              "accuracy); pref acc: held-out pairs whose implicit reward ranks chosen above rejected;\n"
-              "RM score: ppo's reward-model score of greedy held-out completions; reward: mean training reward "
-              "(verifier for grpo/rloo/remax, reward model for ppo); "
-              "KL: to the reference (to the teacher for distill).\n")
-    text = "\n".join(table) + "\n\n" + legend
-    print(text)
-    with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write(text)
+def summarise(seed_rows):
+    """Per-run figures over seeds: accuracy (eval/accuracy; for rm its pairwise accuracy) at start and end, the gain,
+    KL at the end (to the reference; distillation: to the teacher), wall time, tokens processed, peak memory."""
+    def per_seed(fn):
+        return [v for v in (fn(rows) for rows in seed_rows) if v is not None]
+
+    def first(key):
+        return lambda rows: (values(rows, key) or [None])[0]
+
+    def last(key):
+        return lambda rows: (values(rows, key) or [None])[-1]
+
+    acc = [values(rows, "eval/accuracy") for rows in seed_rows]
+    return {"start": per_seed(first("eval/accuracy")), "end": per_seed(last("eval/accuracy")),
+            "gain": [a[-1] - a[0] for a in acc if len(a) > 1],
+            "kl": per_seed(last("kl")), "time": per_seed(last("time")), "tokens": per_seed(last("tokens")),
+            "mem": per_seed(lambda rows: max(values(rows, "peak_mem_gb") or [None], key=lambda v: v or 0))}
+
+
+def table(names, summaries, n_seeds):
+    head = ["run", "family", "held-out acc start", "end", "gain", "KL end", "time s", "tokens", "peak mem GB"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name in names:
+        s = summaries[name]
+        tokens = mean_std(s["tokens"])[0]
+        cells = [name, family(name), fmt(s["start"]), fmt(s["end"]), fmt(s["gain"], 3), fmt(s["kl"], 3),
+                 fmt(s["time"], 0), f"{tokens:.3g}" if tokens else "-", fmt(s["mem"], 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"
+    legend = (f"held-out acc: greedy exact match on the 256 held-out problems ({seeds}); for rm: held-out pairwise "
+              "accuracy. gain: end - start, per seed. KL end: the last logged per-token KL to the reference\n"
+              "(to the teacher for distill). time: wall seconds; tokens: tokens processed (prompts and completions); "
+              "peak mem: the largest logged.\n")
+    return "\n".join(lines) + "\n\n" + legend
+
+
+def colours(names):
+    """Distinct colours within a family (tab10); families are told apart by their panels and labels."""
+    import matplotlib.pyplot as plt
+    cmap, out = plt.get_cmap("tab10"), {}
+    for fam in FAMILIES | {"other": ()}:
+        for i, name in enumerate(n for n in names if family(n) == fam):
+            out[name] = cmap(i % 10)
+    return out
+
+
+def figure(names, seed_rows_by_name, summaries, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in runs:
-        rows = read(r)
-        for ax, key in zip(axes, ("loss", "eval/accuracy")):
-            pts = [(x["step"], x[key]) for x in rows if key in x]
-            if pts:
-                ax.plot(*zip(*pts), label=os.path.basename(r), marker="." if key != "loss" else None)
-    for ax, key in zip(axes, ("training loss", "eval accuracy")):
-        ax.set_xlabel("step"), ax.set_title(key), ax.legend()
+
+    colour = colours(names)
+    curve_families = [f for f in FAMILIES if f not in ("merging", "reward model")
+                      and any(family(n) == f for n in names)]
+    fig = plt.figure(figsize=(4.2 * max(len(curve_families), 3), 9.5))
+    grid = fig.add_gridspec(2, max(len(curve_families), 1), height_ratios=[1, 1.1], hspace=0.6, wspace=0.3)
+
+    # Summary: start (hollow) and end (filled) held-out accuracy per method, families separated, bars = std.
+    ax = fig.add_subplot(grid[0, :])
+    shown = [n for n in names if family(n) != "reward model" and summaries[n]["end"]]
+    x, ticks, prev = 0, [], None
+    for name in shown:
+        if prev is not None and family(name) != family(prev):
+            x += 0.8  # a gap between families
+            ax.axvline(x - 0.9, color="0.85", lw=1)
+        s = summaries[name]
+        for key, face in (("start", "white"), ("end", colour[name])):
+            m, sd = mean_std(s[key])
+            if m is not None:
+                ax.errorbar(x + (0.15 if key == "end" else -0.15), m, yerr=sd or 0, fmt="o", color=colour[name],
+                            mfc=face, ms=7, capsize=3)
+        ticks.append((x, name))
+        x, prev = x + 1, name
+    ax.set_xticks([t for t, _ in ticks], [n for _, n in ticks], rotation=35, ha="right")
+    for fam in dict.fromkeys(family(n) for n in shown):
+        xs = [t for t, n in ticks if family(n) == fam]
+        ax.text(sum(xs) / len(xs), 1.02, fam, transform=ax.get_xaxis_transform(), ha="center", fontsize=9)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("start (hollow) and end (filled) of each run" + (", error bars: std over seeds"
+                 if max(len(summaries[n]["end"]) for n in shown or names) > 1 else ""), pad=18)
+    ax.grid(axis="y", alpha=0.3)
+
+    # Per-family curves against the fraction of training done, so 50- and 2000-step runs share an axis.
+    for col, fam in enumerate(curve_families):
+        ax = fig.add_subplot(grid[1, col])
+        for name in (n for n in names if family(n) == fam):
+            runs = [rows for rows in seed_rows_by_name[name] if len(values(rows, "eval/accuracy")) > 1]
+            if not runs:
+                continue
+            rows = runs[0]  # the curve of the first seed; the summary above carries the spread
+            steps = [r["step"] for r in rows if "eval/accuracy" in r]
+            ax.plot([s / max(steps[-1], 1) for s in steps], values(rows, "eval/accuracy"), marker=".",
+                    color=colour[name], label=name)
+        ax.set_title(fam)
+        ax.set_xlabel("fraction of training")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        if col == 0:
+            ax.set_ylabel("held-out accuracy")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def study_kl(root):
+    """The KL-reward frontier (runs ROOT/<method>_beta<β>): for each run, its held-out gold (verifier) accuracy and its
+    training reward against its KL to the reference, at every evaluation; the sequence KL is the logged per-token KL
+    times the mean completion length. With a learned reward (ppo), gold accuracy can rise and then fall while the
+    reward keeps rising as KL grows: reward over-optimisation (Gao et al. 2022, arXiv:2210.10760)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "metrics.jsonl")))
+    methods = sorted({d.split("_beta")[0] for d in runs})
+    fig, axes = plt.subplots(2, len(methods), figsize=(5.5 * len(methods), 8), squeeze=False)
+    lines = ["| run | β | KL (nats/seq) | held-out gold accuracy | training reward |", "|---|---|---|---|---|"]
+    for col, method in enumerate(methods):
+        mine = sorted((d for d in runs if d.split("_beta")[0] == method), key=lambda d: float(d.split("_beta")[1]))
+        cmap = plt.get_cmap("viridis")
+        for i, d in enumerate(mine):
+            rows, beta = read(os.path.join(root, d)), float(d.split("_beta")[1])
+            train = [r for r in rows if "kl" in r and "response_length" in r]
+            seq_kl = {r["step"]: r["kl"] * r["response_length"] for r in train}
+            points = [(seq_kl.get(r["step"], 0.0), r["eval/accuracy"], r.get("reward/mean"))
+                      for r in rows if "eval/accuracy" in r and (r["step"] == 0 or r["step"] in seq_kl)]
+            reward = [(seq_kl[r["step"]], r["reward/mean"]) for r in train]
+            colour = cmap(i / max(len(mine) - 1, 1))
+            axes[0, col].plot(*zip(*[(k, a) for k, a, _ in points]), "o-", color=colour, label=f"β = {beta:g}")
+            axes[1, col].plot(*zip(*reward), ".", color=colour, alpha=0.5, label=f"β = {beta:g}")
+            last = train[-5:]
+            lines.append(f"| {d} | {beta:g} | {sum(seq_kl[r['step']] for r in last) / len(last):.3f} | "
+                         f"{points[0][1]:.3f} -> {points[-1][1]:.3f} | "
+                         f"{sum(r['reward/mean'] for r in last) / len(last):.3f} |")
+        reward_name = "reward-model score" if method.startswith("ppo") else "verifier reward"
+        axes[0, col].set(title=f"{method}: gold accuracy against KL", ylabel="held-out gold (verifier) accuracy")
+        axes[1, col].set(title=f"{method}: training reward against KL", ylabel=f"training {reward_name}")
+        for ax in axes[:, col]:
+            ax.set_xlabel("KL to the reference (nats per completion)")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "compare.png"), dpi=100)
+    fig.savefig(os.path.join(os.path.dirname(os.path.normpath(root)), "study_kl.png"), dpi=100, bbox_inches="tight")
+    text = "\n".join(lines) + ("\n\nKL: the last five logged steps' mean; gold accuracy: held-out greedy, start -> end; "
+                               "training reward: the last five logged steps' mean.\n")
+    print(text)
+    with open(os.path.join(root, "study_kl.md"), "w") as f:
+        f.write(text)
+
+
+def main(argv):
+    if argv[:1] == ["--study_kl"]:
+        return study_kl(argv[1])
+    if "--seeds" in argv:  # --seeds ROOT... -- NAME...
+        split = argv.index("--")
+        roots, names = argv[argv.index("--seeds") + 1:split], argv[split + 1:]
+        out = os.path.commonpath(roots) if len(roots) > 1 else roots[0]
+    else:
+        roots, names, out = [None], [os.path.basename(os.path.normpath(r)) for r in argv], "runs"
+        paths = dict(zip(names, argv))
+    seed_rows = {}
+    for name in names:
+        dirs = [os.path.join(root, name) for root in roots] if roots != [None] else [paths[name]]
+        rows = [read(d) for d in dirs if os.path.exists(os.path.join(d, "metrics.jsonl"))]
+        if rows:
+            seed_rows[name] = rows
+    order = list(FAMILIES) + ["other"]  # grouped by family, in the given order within one
+    names = sorted((n for n in names if n in seed_rows), key=lambda n: order.index(family(n)))
+    summaries = {n: summarise(seed_rows[n]) for n in names}
+    text = table(names, summaries, len(roots))
+    print(text)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(text)
+    figure(names, seed_rows, summaries, os.path.join(out, "compare.png"))
+    return summaries
 
 
 if __name__ == "__main__":

@@ -70,3 +70,25 @@ def test_tensorboard_event_files_when_installed(base, tmp_path):
     events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [2, 4]
+
+
+def test_comparison_over_seeds_mean_std_and_figure(tmp_path):
+    """Two seeds of two runs: the table's cells are mean ± sample std over seeds, the runs are grouped by family
+    (a 2000-step and a 50-step run side by side), and the figure is written."""
+    from common import report
+    curves = {"sft": {0: [0.0, 0.2], 1: [0.0, 0.3]}, "dpo": {0: [0.2, 0.3], 1: [0.3, 0.5]}}
+    for name, by_seed in curves.items():
+        for seed, (start, end) in by_seed.items():
+            (tmp_path / f"seed{seed}" / name).mkdir(parents=True)
+            steps = {"sft": 2000, "dpo": 50}[name]
+            rows = [{"step": 0, "eval/accuracy": start}, {"step": steps, "eval/accuracy": end, "kl": 0.1 * (seed + 1),
+                                                          "time": 10.0, "tokens": 1000, "peak_mem_gb": 0.5}]
+            (tmp_path / f"seed{seed}" / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    roots = [str(tmp_path / "seed0"), str(tmp_path / "seed1")]
+    summaries = report.main(["--seeds", *roots, "--", "dpo", "sft", "missing"])
+    assert summaries["dpo"]["gain"] == pytest.approx([0.1, 0.2]) and "missing" not in summaries
+    table = (tmp_path / "compare.md").read_text().splitlines()
+    assert table[2].startswith("| sft | imitation | 0.000 ± 0.000 | 0.250 ± 0.071 | 0.250 ± 0.071 | 0.150 ± 0.071")
+    assert table[3].startswith("| dpo | offline preference | 0.250 ± 0.071 | 0.400 ± 0.141 | 0.150 ± 0.071")
+    assert (tmp_path / "compare.png").stat().st_size > 10000
+    assert report.family("distill_on_policy") == "distillation" and report.family("ppo_verifier") == "online RL"

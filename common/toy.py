@@ -2,11 +2,15 @@
 
 Task: "What is 48+37?" -> "48+37=85" (addition and subtraction of 1-2 digit numbers; the two
 operations are the split a task-vector merge needs). The SFT demonstrations are imperfect on
-purpose: a seeded 40% of them restate the first number instead of answering ("48+37=48"), a habit
-imitation copies and a verifier or preference pairs can remove. Without it, the SFT model's greedy
-accuracy is simply its arithmetic skill (majority vote over 16 samples equals greedy), which a few
+purpose: a seeded 60% of the subtraction demonstrations restate the first number instead of answering
+("48-37=48"), a habit imitation copies and a verifier or preference pairs can remove; additions are
+answered. Without a habit, the SFT model's greedy accuracy is simply its arithmetic skill, which a few
 minutes of RL on disjoint problems cannot raise; with it, the online and preference methods have
-headroom that transfers to held-out problems, as with a real, imperfect SFT set. The same
+headroom that transfers to held-out problems, as with a real, imperfect SFT set. The habit is tied to
+one operation, at a rate above one half, so that the SFT model learns it as a rule: greedy decoding
+echoes on subtraction and answers additions by skill, rather than flipping between the two wherever
+its confidence in an answer is near the habit's rate (a habit spread evenly over all problems at 40%
+made held-out accuracy swing 3x with the seed and the CPU's floating-point kernels). The same
 demonstrations without the habit (sft_curated, and its halves sft_add and sft_sub) train the
 distillation teacher and the merge specialists. The tokenizer has one token per character plus
 ChatML specials and a ChatML chat template. A tiny Llama is pretrained briefly on plain task text
@@ -34,7 +38,7 @@ SIZES = {  # base model sizes: the default, and a larger one (teacher for distil
 PRETRAIN_STEPS = {"small": 2500, "large": 2500}
 MAX_DIGITS = 2
 N_EVAL = 256
-ECHO = 0.4  # fraction of SFT demonstrations that restate the first number instead of the answer
+ECHO = {"+": 0.0, "-": 0.6}  # per operation: fraction of SFT demonstrations that restate the first number
 
 
 def problem(rng, op=None):
@@ -100,7 +104,8 @@ def build_data(path, seed=0):
     chat = lambda q, a: {"messages": [{"role": "user", "content": user(q)},
                                       {"role": "assistant", "content": say(q, a)}]}
     echo = lambda q: re.match(r"\d+", q)[0]  # the habit: restate the first number
-    sft = [chat(q, echo(q) if habit.random() < ECHO else a) for q, a in train[8000:20000]]
+    op = lambda q: q[len(echo(q))]
+    sft = [chat(q, echo(q) if habit.random() < ECHO[op(q)] else a) for q, a in train[8000:20000]]
     write_jsonl(f"{path}/sft.jsonl", sft)
     # no habit: the data of the distillation teacher and the specialists
     for op, name in (("", "curated"), ("+", "add"), ("-", "sub")):
@@ -149,13 +154,17 @@ def build_base(path, size, seed=0):
           f"final pretraining loss {loss:.3f}) at {path}")
 
 
-def version():
-    """Fingerprint of everything that builds the artefacts: the builders' source and the task's constants. Each
-    artefact records it in its `version` file; one built by other code is rebuilt, never silently reused."""
+def version(what):
+    """Fingerprint of everything that builds one artefact ('data', 'base', 'base_large'): its builders' source and
+    the constants they read. Each artefact records it in its `version` file; one built by other code is rebuilt,
+    never silently reused (and a change to the data alone leaves the base models as they are)."""
     from common.packing import pack
 
-    builders = (problem, wrong, build_tokenizer, write_jsonl, build_data, pretrain, build_base, pack)
-    constants = (CHATML, SIZES, PRETRAIN_STEPS, MAX_DIGITS, N_EVAL, ECHO)
+    if what == "data":
+        builders, constants = (problem, wrong, write_jsonl, build_data), (MAX_DIGITS, N_EVAL, ECHO)
+    else:  # the tokenizer and a base model
+        builders = (problem, build_tokenizer, pretrain, build_base, pack)
+        constants = (CHATML, SIZES, PRETRAIN_STEPS, MAX_DIGITS)
     text = "".join(inspect.getsource(f) for f in builders) + repr(constants)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -175,14 +184,14 @@ def ensure(what="base"):
 
 
 def _build_if_needed(what, path):
-    stale = os.path.exists(path) and _recorded_version(path) != version()
+    stale = os.path.exists(path) and _recorded_version(path) != version(what)
     if stale or not os.path.exists(path):
         tmp = f"{path}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(ROOT, exist_ok=True)
         build_data(tmp) if what == "data" else build_base(tmp, "large" if what == "base_large" else "small")
         with open(os.path.join(tmp, "version"), "w") as f:
-            f.write(version())
+            f.write(version(what))
         if stale:
             print(f"rebuilt {path}: it was built by other code than the current common/toy.py")
             shutil.rmtree(path)

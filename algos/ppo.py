@@ -22,7 +22,8 @@ adaptive KL controller: Ziegler et al., arXiv:1909.08593. Deviations from the pa
   4. A completion cut at --max_new_tokens has no end-of-turn token, the position the RM was trained to
      read: one is appended before scoring and --missing_eos_penalty is subtracted (--mask_truncated: no loss).
   5. The critic is the RM's backbone with its bias-free score head applied at every position, so V
-     starts as the RM's reading of each prefix. All four models stay in eval mode: dropout off (TRL #744).
+     starts as the RM's reading of each prefix. Dropout is off in all four models (TRL #744): every rate is 0
+     and they run in eval mode (the update in train mode under --gradient_checkpointing: the same function).
 Data: JSONL, {"prompt": ..., "answer": ...}; with the RM, the optional answer only feeds the gold (verifier)
 score logged beside the RM score, so that reward over-optimisation shows; with the verifier it is the reward.
 Run:  python algos/ppo.py
@@ -94,6 +95,7 @@ class Args:
     save_every: int = 50  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
 
 
 def kl_estimate(logps_BT, ref_logps_BT, kind):
@@ -173,14 +175,20 @@ def logps_entropy(logits_BTV, tokens_BT, entropy_grad=False, chunk=16):
 
 
 def load(cls, path, args, device, **config):
-    """A model with the given config fields set, in eval mode (eval only switches dropout off; gradients still flow)."""
+    """A model with every dropout rate 0 and the given config fields set, in eval mode (gradients still flow):
+    the update's train mode under --gradient_checkpointing then computes the same function."""
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        for c in (cfg, cfg.get_text_config()):  # attention dropout is often a config rate, not a module
+            c.update({k: 0.0 for k, v in c.to_dict().items() if "dropout" in k and isinstance(v, float)})
         cfg.update(config)
         m = cls.from_pretrained(path, config=cfg, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
                                 trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         data.fail(f"cannot load model {path!r}: {str(e).splitlines()[0]}")
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
     return m.to(device).eval()
 
 
@@ -263,6 +271,9 @@ def main(args):
     if use_rm and (rm.config.pad_token_id != tok.pad_token_id or tok.pad_token_id == tok.eos_token_id):  # pools non-pad
         data.fail(f"reward model {args.reward_model!r} needs the tokenizer's pad token {tok.pad_token!r}, "
                   "and one other than EOS")
+    if args.gradient_checkpointing:
+        for m in (actor, critic):
+            dist.gradient_checkpointing(m)  # recompute each layer's activations in backward: less memory
     actor, ref, critic = (dist.shard(m, world, device) for m in (actor, ref, critic))
     rm = dist.shard(rm, world, device) if use_rm else None
     both = torch.nn.ModuleDict({"actor": actor, "critic": critic})  # one checkpoint for both, written atomically
@@ -393,6 +404,7 @@ def main(args):
         # PPO epochs over shuffled minibatches of the rollout; each loss is over its minibatch's global token count.
         names = ["loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac", "vf_clip_frac", "grad_norm"]
         upd, n_updates = dict.fromkeys(names, 0.0), 0  # sums over the applied updates of their minibatch means
+        both.train(args.gradient_checkpointing)  # transformers checkpoints a layer only in train mode; dropout is 0
         for u in range(args.ppo_epochs * args.num_minibatches):
             if u % args.num_minibatches == 0:
                 minibatches = iter(torch.randperm(rows, device="cpu").view(args.num_minibatches, -1))
@@ -433,6 +445,7 @@ def main(args):
             for name in names:
                 upd[name] += mb_means[name]
             n_updates += 1
+        both.eval()  # rollouts and evaluation generate with the KV cache, which train mode would drop
         sched.step()
 
         # Statistics of the global rollout; the KL controller reads the mean sequence KL that the reward penalised.

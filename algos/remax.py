@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig,
                           get_constant_schedule_with_warmup)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,6 +72,7 @@ class Args:
     save_every: int = 50  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
 
 
 def remax_advantages(rewards_BG, greedy_rewards_B):
@@ -230,21 +231,31 @@ def main(args):
     steps_per_epoch = len(prompts) // P
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
-    # Models: the policy, and a frozen reference when β > 0. Dropout stays off: every forward runs in eval mode,
-    # so old, current and reference log-probs compare the same deterministic function (TRL #744).
+    # Models: the policy, and a frozen reference when β > 0. Dropout is off: every dropout rate is 0 and forwards run
+    # in eval mode (the update in train mode under --gradient_checkpointing, the same function as dropout is 0), so
+    # old, current and reference log-probs compare the same deterministic function (TRL #744).
     def load(path):  # the shared-prompt layout's 4D mask needs sdpa: flash-attn's varlen kernels cannot express it
         attn_impl = "sdpa" if args.share_prompt else dist.attn_impl(device)
         try:
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_impl,
+            cfg = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+            for c in (cfg, cfg.get_text_config()):  # attention dropout is often a config rate, not a module
+                c.update({k: 0.0 for k, v in c.to_dict().items() if "dropout" in k and isinstance(v, float)})
+            m = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch.float32,
+                                                     attn_implementation=attn_impl,
                                                      trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as e:
             data.fail(f"cannot load model {path!r}: {str(e).splitlines()[0]}")
         n_embed = m.get_input_embeddings().num_embeddings
         if len(tok) > n_embed:
             data.fail(f"tokenizer has {len(tok)} tokens but model {path!r} embeds only {n_embed}")
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
         return dist.shard(m, world, device).eval()
 
     model = load(args.model)
+    if args.gradient_checkpointing:
+        dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
     ref = load(args.ref_model).requires_grad_(False) if args.beta > 0 else None
     gen_cfg = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                                max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
@@ -320,6 +331,7 @@ def main(args):
         n_global = dist.all_sum(n_local).item()
 
         # Update: one on-policy optimizer step over all micro-batches (REINFORCE needs samples of the current policy).
+        model.train(args.gradient_checkpointing)  # transformers checkpoints a layer only in train mode; dropout is 0
         loss_sum = 0.0
         for i, b in enumerate(batches):
             if world > 1:
@@ -346,6 +358,7 @@ def main(args):
         sched.step()
         opt.zero_grad(set_to_none=True)
         loss_step = dist.all_sum(loss_sum).item()
+        model.eval()  # rollouts and evaluation generate with the KV cache, which train mode would drop
 
         # Log: this step's rollout and update, over the global batch.
         done = step + 1

@@ -55,6 +55,7 @@ class Args:
     save_every: int = 100  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
 
 
 def token_logps(logits_NV, labels_N, chunk=4096):
@@ -129,6 +130,8 @@ def main(args):
     n_embed = model.get_input_embeddings().num_embeddings
     if len(tok) > n_embed:
         data.fail(f"tokenizer has {len(tok)} tokens but model {args.model!r} embeds only {n_embed}")
+    if args.gradient_checkpointing:
+        dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
     model = dist.shard(model, world, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -189,7 +189,7 @@ def main(args):
     # Policy, sharded with FSDP2 when there are several processes; no reference model.
     model = load(args.model).train()  # train mode only matters to --gradient_checkpointing: dropout is 0
     if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()  # recompute each layer's activations in backward: less memory
+        dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
 

@@ -55,6 +55,20 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def gradient_checkpointing(model):
+    """Recompute every decoder layer's activations in backward instead of keeping them (non-reentrant
+    torch.utils.checkpoint). transformers 5.0, the floor, names the switch gradient_checkpointing_enable; later 5.x
+    renamed it activation_checkpointing_enable and deprecated the old name: whichever exists is called. A layer
+    checkpoints only in train mode, where it also drops the KV cache: generate in eval mode. It sets flags on the
+    layers only, so it works before or after shard()."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
 def shard(model, world, device):
     """FSDP2 per decoder layer, then the root; bf16 compute with fp32 gradient reduction on GPU."""
     model.to(device)

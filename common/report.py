@@ -197,8 +197,8 @@ def study_kl(root):
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(os.path.join(os.path.dirname(os.path.normpath(root)), "study_kl.png"), dpi=100, bbox_inches="tight")
-    text = "\n".join(lines) + ("\n\nKL: the last five logged steps' mean; gold accuracy: held-out greedy, start -> end; "
-                               "training reward: the last five logged steps' mean.\n")
+    text = "\n".join(lines) + ("\n\nKL: the last five logged steps' mean; gold accuracy: held-out greedy, "
+                               "start -> end; training reward: the last five logged steps' mean.\n")
     print(text)
     with open(os.path.join(root, "study_kl.md"), "w") as f:
         f.write(text)

@@ -65,10 +65,16 @@ def summarise(seed_rows):
     def last(key):
         return lambda rows: (values(rows, key) or [None])[-1]
 
+    def tokens(rows):  # logged by none of the scripts as a total: Σ tokens/s x the time between metrics lines
+        if values(rows, "tokens"):
+            return values(rows, "tokens")[-1]
+        timed = [(r["time"], r["tokens_per_s"]) for r in rows if "tokens_per_s" in r and "time" in r]
+        return sum(tps * (t - prev) for (prev, _), (t, tps) in zip([(0.0, 0)] + timed, timed)) or None
+
     acc = [values(rows, "eval/accuracy") for rows in seed_rows]
     return {"start": per_seed(first("eval/accuracy")), "end": per_seed(last("eval/accuracy")),
             "gain": [a[-1] - a[0] for a in acc if len(a) > 1],
-            "kl": per_seed(last("kl")), "time": per_seed(last("time")), "tokens": per_seed(last("tokens")),
+            "kl": per_seed(last("kl")), "time": per_seed(last("time")), "tokens": per_seed(tokens),
             "mem": per_seed(lambda rows: max(values(rows, "peak_mem_gb") or [None], key=lambda v: v or 0))}
 
 
@@ -84,7 +90,7 @@ def table(names, summaries, n_seeds):
     seeds = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"
     legend = (f"held-out acc: greedy exact match on the 256 held-out problems ({seeds}); for rm: held-out pairwise "
               "accuracy. gain: end - start, per seed. KL end: the last logged per-token KL to the reference\n"
-              "(to the teacher for distill). time: wall seconds; tokens: tokens processed (prompts and completions); "
+              "(to the teacher for distill). time: wall seconds; tokens: tokens processed, Σ tokens/s x interval; "
               "peak mem: the largest logged.\n")
     return "\n".join(lines) + "\n\n" + legend
 

@@ -80,6 +80,7 @@ CASES = {  # script -> arguments for one step on a few records (data files cut t
     "grpo": RL, "rloo": RL, "remax": RL,
     "ppo": RL + ["--reward", "verifier", "--num_minibatches", 1, "--ppo_epochs", 1],
     "distill": ["--data", "sft.jsonl", "--batch_size", 2, "--max_new_tokens", 4, "--mode", "on_policy"],
+    "online_dpo": ["--data", "rl.jsonl", "--batch_size", 2, "--max_new_tokens", 4],
 }
 
 

@@ -12,12 +12,18 @@ def test_base_model_does_not_know_the_chat_format(model, tok):
     assert toy.evaluate(model, tok, recs) < 0.05
 
 
-def test_sft_learns_and_leaves_headroom(sft_run):
+def test_sft_learns_and_leaves_headroom(sft_run, tok):
+    from transformers import AutoModelForCausalLM
     acc = [m["eval/accuracy"] for m in metrics(sft_run) if "eval/accuracy" in m]
-    print(f"sft eval accuracy: {acc[0]:.3f} -> {acc[-1]:.3f}")
-    # Seed 0: 0.215 with this machine's kernels, 0.160 under ATEN_CPU_CAPABILITY=default (base rebuilt there);
-    # 0.074-0.234 over seeds and kernel paths on another machine. The threshold sits below the worst seen.
-    assert acc[0] < 0.05 and 0.05 <= acc[-1] <= 0.5  # the middle: headroom for every later stage
+    recs = [json.loads(line) for line in open(toy.data("eval.jsonl"))]
+    model = AutoModelForCausalLM.from_pretrained(sft_run, attn_implementation="sdpa")
+    add, sub = (toy.evaluate(model, tok, [r for r in recs if op in r["prompt"]]) for op in "+-")
+    print(f"sft eval accuracy: {acc[0]:.3f} -> {acc[-1]:.3f} (addition {add:.3f}, subtraction {sub:.3f})")
+    # Seeds 0 / 1: 0.398 / 0.496 (addition 0.659 / 0.829, subtraction 0.134 / 0.157) with this machine's kernels.
+    # The habit is learned as a rule: greedy answers echo on subtraction and answer additions by skill, and the
+    # skill is what moves with the seed. The thresholds sit well below the worst seen.
+    assert acc[0] < 0.05 and 0.25 <= acc[-1] <= 0.7  # learned the format and the additions; headroom remains
+    assert add > sub + 0.3  # the habit: subtraction is where the later stages can gain
 
 
 def test_rm_ranks_held_out_pairs(rm_run):

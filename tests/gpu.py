@@ -54,7 +54,9 @@ def smoke():
     stages = [
         {"sft": ("sft", "--max_steps", 20, "--log_every", 5, "--eval_every", 0, "--save_every", 10)},
         {**{a: (a, "--model", run_dir("sft"), *few) for a in
-            ("rm", "dpo", "ipo", "kto", "orpo", "simpo", "grpo", "rloo", "remax")},
+            ("rm", "dpo", "ipo", "kto", "orpo", "simpo", "grpo", "rloo", "remax", "online_dpo")},
+         "rft": ("rft", "--model", run_dir("sft"), "--rounds", 2, "--prompts_per_round", 64, "--save_every", 1),
+         "ppo_verifier": ("ppo", "--model", run_dir("sft"), "--reward", "verifier", *few),
          **{f"distill_{m}": ("distill", "--mode", m, "--teacher", run_dir("sft"), "--model", run_dir("sft"), *few)
             for m in ("seqkd", "forward_kl", "reverse_kl", "on_policy")}},
         {"ppo": ("ppo", "--model", run_dir("sft"), "--reward_model", run_dir("rm"), *few),

@@ -218,10 +218,10 @@ def test_raises_held_out_accuracy(algo, sft_run, tmp_path):
     acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
     rew = [r["reward/mean"] for r in m if "reward/mean" in r]
     print(f"{algo}: held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}")
-    # Held-out gain, seed 0: +0.17..+0.22 with this machine's kernels, +0.04..+0.06 under ATEN_CPU_CAPABILITY=default,
-    # +0.020..+0.027 under avx2 (its SFT model at 0.082), so only a rise is asserted: the spread is too wide for a
-    # meaningful margin until the embedded task is recalibrated. The sampled reward rose by 0.06-0.08 in every case.
-    assert acc[-1] > acc[0] and rew[-1] > rew[0]
+    # Held-out gain at 25 steps, this machine's kernels: seed 0 +0.059 / +0.051 / +0.067, seed 1 +0.141 / +0.137 /
+    # +0.109 (grpo / rloo / remax). The sampled reward of one step's batch is not asserted: it swings with the batch's
+    # mix of additions (mostly right) and subtractions (mostly echoed), e.g. seed 1 grpo 0.695 at step 1, 0.539 at 25.
+    assert acc[-1] > acc[0]
     keys = ("kl", "entropy", "response_length", "distinct2", "frac_zero_std", "reward/std", "loss", "grad_norm")
     assert all(k in m[-1] for k in keys)
 

@@ -32,6 +32,8 @@ def test_rm_ranks_held_out_pairs(rm_run):
     # Chance is 0.5. The target is 0.75; measured 0.664 with this machine's kernels, 0.566 under
     # ATEN_CPU_CAPABILITY=default: a 2-layer model's last-token head recovers less than the ranking the SFT model's
     # own log-probs give, in 1000 steps. The threshold sits below the worst seen.
-    assert acc[0] < 0.6 and acc[-1] >= 0.53
+    # On the recalibrated task: 0.566 / 0.461 / 0.508 -> 0.625 / 0.699 / 0.590 over seeds 0-2, and 0.625 -> 0.723
+    # for seed 0 under ATEN_CPU_CAPABILITY=avx2 (the untrained head already ranks above chance there).
+    assert acc[-1] > acc[0] and acc[-1] >= 0.53
     from transformers import AutoModelForSequenceClassification
     assert AutoModelForSequenceClassification.from_pretrained(rm_run).config.num_labels == 1

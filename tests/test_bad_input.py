@@ -3,7 +3,7 @@ import json
 import shutil
 
 import pytest
-from util import run
+from util import fails_with_one_line, run
 
 from algos import rm, sft
 
@@ -80,8 +80,7 @@ def test_exit_status_and_stderr_from_the_command_line(base, tmp_path):
 ])
 def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, tmp_path):
     p = run("sft", *args, "--output_dir", tmp_path / "out", check=False)
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == status and last.startswith(expected) and "Traceback" not in p.stderr, p.stderr[-2000:]
+    fails_with_one_line(p, status, expected)
     assert "usage:" not in p.stderr  # argparse's usage block is replaced by the one line
     assert not (tmp_path / "out").exists()
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from util import head, metrics, run
+from util import fails_with_one_line, head, metrics, run
 
 from algos import rft
 from algos.rft import select_best
@@ -91,8 +91,7 @@ def test_reward_model_scores_match_one_row_each(sft_run):
 ])
 def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, base, tmp_path):
     p = run("rft", "--model", base, *args, "--output_dir", tmp_path / "out", check=False)
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == status and last.startswith(expected) and "Traceback" not in p.stderr, p.stderr[-2000:]
+    fails_with_one_line(p, status, expected)
     assert not (tmp_path / "out").exists()
 
 

@@ -24,6 +24,13 @@ def run(script, *args, nproc=1, check=True):
     return p
 
 
+def fails_with_one_line(p, status, expected):
+    """A script run that stopped as bad input must: the given exit status, its last stderr line starting with the
+    expected error, no traceback."""
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == status and last.startswith(expected) and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
 def head(src, dst, n):
     """The first n records of an embedded data file, written to dst, so a short run does not tokenize the whole set."""
     from common import toy

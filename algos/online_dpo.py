@@ -73,6 +73,7 @@ class Args:
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
+    loss_chunk: int = 1024  # positions whose vocabulary-wide logits exist at once (0: the model's full logits)
     beta: float = 0.1  # β: strength of the KL regularisation toward πref (the implicit reward's scale)
     label_smoothing: float = 0.0  # ε of conservative DPO: the probability that a pair's label is flipped
     dpop_lambda: float = 0.0  # λ of DPOP: penalty on the chosen log-prob falling below the reference (0: off)
@@ -88,12 +89,65 @@ def token_logps(logits_NV, labels_N, chunk=4096):
     return torch.cat(out)
 
 
-def seq_logps(logits_BTV, labels_BT):
-    """-> (Σ_t log π(y_t | x, y_<t) over each row's response tokens, |y| the count of those tokens).
-    Logits at t predict the label at t+1."""
-    labels, mask_BT = labels_BT[:, 1:], labels_BT[:, 1:] != IGNORE
-    logps_BT = torch.zeros(mask_BT.shape, device=logits_BTV.device)
-    logps_BT = logps_BT.masked_scatter(mask_BT, token_logps(logits_BTV[:, :-1][mask_BT], labels[mask_BT]))
+class ChunkedLogps(torch.autograd.Function):
+    """log p(y_n) = h_n·w_{y_n} - logsumexp_v h_n·w_v for N positions, from hidden states h (N, H) and the output
+    embedding w (V, H), `chunk` positions at a time. Forward keeps only each position's logsumexp; backward
+    recomputes a chunk's logits. So memory grows with chunk x V instead of N x V (at N = 16k tokens and a 152k
+    vocabulary the full logits and their gradient take 10 GB in bf16), for one more h·w product. Gradients:
+        ∂log p(y_n)/∂logits_n = onehot(y_n) - softmax(logits_n);  ∂/∂h_n = (...)·w;  ∂/∂w = Σ_n (...)ᵀ h_n.
+    The matrix products run in the autocast dtype when autocast is on (forward decides; backward follows)."""
+
+    @staticmethod
+    def forward(ctx, h_NH, w_VH, labels_N, chunk):
+        device = h_NH.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w_VH.dtype
+        w = w_VH.to(dtype)
+        lse_N = torch.empty(len(labels_N), device=h_NH.device)
+        logps_N = torch.empty(len(labels_N), device=h_NH.device)
+        for i in range(0, len(labels_N), chunk):
+            logits = (h_NH[i:i + chunk].to(dtype) @ w.T).float()
+            lse_N[i:i + chunk] = torch.logsumexp(logits, dim=-1)
+            logps_N[i:i + chunk] = logits.gather(-1, labels_N[i:i + chunk, None]).squeeze(-1) - lse_N[i:i + chunk]
+        ctx.save_for_backward(h_NH, w_VH, labels_N, lse_N)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return logps_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        h_NH, w_VH, labels_N, lse_N = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        w = w_VH.to(dtype)
+        grad_h = torch.empty_like(h_NH)
+        grad_w = torch.zeros(w_VH.shape, device=w_VH.device)  # fp32 accumulator over chunks
+        for i in range(0, len(labels_N), chunk):
+            h, g_C = h_NH[i:i + chunk].to(dtype), grad_N[i:i + chunk, None].float()
+            softmax = torch.exp((h @ w.T).float() - lse_N[i:i + chunk, None])
+            g = (-softmax * g_C).scatter_add_(-1, labels_N[i:i + chunk, None], g_C).to(dtype)  # ∂L/∂logits
+            grad_h[i:i + chunk] = g @ w
+            grad_w += (g.T @ h).float()
+        return grad_h, grad_w.to(w_VH.dtype), None, None
+
+
+def label_logps(model, fwd, labels_BT, chunk):
+    """log πθ(x_{t+1} | x_≤t) at every labelled position, in their order in the batch. chunk > 0: from the final
+    hidden states and the output embedding through ChunkedLogps (an empty logits_to_keep: the model computes no
+    logits); 0: from the model's full logits (for models that post-process them, e.g. soft-capping). Run under
+    autocast. use_cache=False: with a cache, transformers ignores position_ids when masking (packed docs would leak)."""
+    labels = labels_BT[:, 1:]
+    mask = labels != IGNORE
+    if not chunk:
+        return token_logps(model(**fwd, use_cache=False).logits[:, :-1][mask], labels[mask])
+    none = torch.zeros(0, dtype=torch.long, device=labels.device)
+    out = model(**fwd, use_cache=False, output_hidden_states=True, logits_to_keep=none)
+    h = out.hidden_states[-1][:, :-1][mask]  # the last hidden state, after the final norm
+    return ChunkedLogps.apply(h, model.get_output_embeddings().weight, labels[mask], chunk)
+
+
+def seq_logps(logps_N, labels_BT):
+    """Log-probs of the labelled positions in batch order (label_logps) -> (Σ_t log π(y_t | x, y_<t) over each row's
+    response tokens, |y| the count of those tokens)."""
+    mask_BT = labels_BT[:, 1:] != IGNORE
+    logps_BT = torch.zeros(mask_BT.shape, device=logps_N.device).masked_scatter(mask_BT, logps_N)
     return logps_BT.sum(-1), mask_BT.sum(-1)
 
 
@@ -223,8 +277,8 @@ def main(args):
         labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device=device)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device=device)
         with dist.autocast(device):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return seq_logps(logits, labels)
+            logps_N = label_logps(model, {"input_ids": ids, "attention_mask": mask}, labels, args.loss_chunk)
+        return seq_logps(logps_N, labels)
 
     # Reference and reward model: frozen, held for the whole run (the pairs are sampled as it goes).
     ref = load(args.ref_model).eval().requires_grad_(False)

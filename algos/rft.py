@@ -76,6 +76,7 @@ class Args:
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
+    loss_chunk: int = 1024  # positions whose vocabulary-wide logits exist at once (0: the model's full logits)
 
 
 def select_best(prompts_ids, texts, rewards, min_reward, keep=1):
@@ -106,12 +107,58 @@ def token_logps(logits_NV, labels_N, chunk=4096):
     return torch.cat(out)  # an empty selection still yields a (0,)-tensor in the graph: backward gives 0, not an error
 
 
-def sft_loss(logits_BTV, labels_BT, n_tokens):
-    """Σ over labelled positions of -log πθ(x_t | x_<t), divided by n_tokens, the global label count.
-    Logits at t predict the label at t+1. A micro-batch with no labels contributes exactly 0."""
+class ChunkedLogps(torch.autograd.Function):
+    """log p(y_n) = h_n·w_{y_n} - logsumexp_v h_n·w_v for N positions, from hidden states h (N, H) and the output
+    embedding w (V, H), `chunk` positions at a time. Forward keeps only each position's logsumexp; backward
+    recomputes a chunk's logits. So memory grows with chunk x V instead of N x V (at N = 16k tokens and a 152k
+    vocabulary the full logits and their gradient take 10 GB in bf16), for one more h·w product. Gradients:
+        ∂log p(y_n)/∂logits_n = onehot(y_n) - softmax(logits_n);  ∂/∂h_n = (...)·w;  ∂/∂w = Σ_n (...)ᵀ h_n.
+    The matrix products run in the autocast dtype when autocast is on (forward decides; backward follows)."""
+
+    @staticmethod
+    def forward(ctx, h_NH, w_VH, labels_N, chunk):
+        device = h_NH.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w_VH.dtype
+        w = w_VH.to(dtype)
+        lse_N = torch.empty(len(labels_N), device=h_NH.device)
+        logps_N = torch.empty(len(labels_N), device=h_NH.device)
+        for i in range(0, len(labels_N), chunk):
+            logits = (h_NH[i:i + chunk].to(dtype) @ w.T).float()
+            lse_N[i:i + chunk] = torch.logsumexp(logits, dim=-1)
+            logps_N[i:i + chunk] = logits.gather(-1, labels_N[i:i + chunk, None]).squeeze(-1) - lse_N[i:i + chunk]
+        ctx.save_for_backward(h_NH, w_VH, labels_N, lse_N)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return logps_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        h_NH, w_VH, labels_N, lse_N = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        w = w_VH.to(dtype)
+        grad_h = torch.empty_like(h_NH)
+        grad_w = torch.zeros(w_VH.shape, device=w_VH.device)  # fp32 accumulator over chunks
+        for i in range(0, len(labels_N), chunk):
+            h, g_C = h_NH[i:i + chunk].to(dtype), grad_N[i:i + chunk, None].float()
+            softmax = torch.exp((h @ w.T).float() - lse_N[i:i + chunk, None])
+            g = (-softmax * g_C).scatter_add_(-1, labels_N[i:i + chunk, None], g_C).to(dtype)  # ∂L/∂logits
+            grad_h[i:i + chunk] = g @ w
+            grad_w += (g.T @ h).float()
+        return grad_h, grad_w.to(w_VH.dtype), None, None
+
+
+def label_logps(model, fwd, labels_BT, chunk):
+    """log πθ(x_{t+1} | x_≤t) at every labelled position, in their order in the batch. chunk > 0: from the final
+    hidden states and the output embedding through ChunkedLogps (an empty logits_to_keep: the model computes no
+    logits); 0: from the model's full logits (for models that post-process them, e.g. soft-capping). Run under
+    autocast. use_cache=False: with a cache, transformers ignores position_ids when masking (packed docs would leak)."""
     labels = labels_BT[:, 1:]
     mask = labels != IGNORE
-    return -token_logps(logits_BTV[:, :-1][mask], labels[mask]).sum() / max(n_tokens, 1)
+    if not chunk:
+        return token_logps(model(**fwd, use_cache=False).logits[:, :-1][mask], labels[mask])
+    none = torch.zeros(0, dtype=torch.long, device=labels.device)
+    out = model(**fwd, use_cache=False, output_hidden_states=True, logits_to_keep=none)
+    h = out.hidden_states[-1][:, :-1][mask]  # the last hidden state, after the final norm
+    return ChunkedLogps.apply(h, model.get_output_embeddings().weight, labels[mask], chunk)
 
 
 @torch.no_grad()
@@ -310,9 +357,10 @@ def main(args):
             for i, b in enumerate(batches):
                 if world > 1:
                     model.set_requires_gradient_sync(i == len(batches) - 1)
+                fwd = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
                 with dist.autocast(device):
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-                loss = sft_loss(logits, b["labels"], n_tokens)
+                    logps = label_logps(model, fwd, b["labels"], args.loss_chunk)
+                loss = -logps.sum() / max(n_tokens, 1)  # sft_loss, from the labelled positions' log-probabilities
                 (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
                 loss_sum += loss.item()
                 tokens += b["attention_mask"].sum().item()

@@ -81,7 +81,7 @@ def test_two_processes_give_the_same_loss(sft_run, tmp_path):
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         assert a["reward/mean"] == b["reward/mean"] and a["frac_kept"] == b["frac_kept"]
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)  # float summation order differs (2e-6 seen)
     assert any(m["loss"] > 1e-3 for m in one)  # the comparison is not of zeros
 
 

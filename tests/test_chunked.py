@@ -1,0 +1,123 @@
+"""Chunked log-probabilities (ChunkedLogps): the same values and gradients as the model's full logits, less memory.
+
+`python tests/test_chunked.py CHUNK` prints the peak memory of one forward and backward of the summed label
+log-probabilities on the embedded 'large' model with a 32768-token output embedding (the size of a real tokenizer's;
+the embedded one has 100 tokens, whose logits cost nothing).
+"""
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from util import ROOT, metrics, run
+
+from algos import dpo, ipo, kto, online_dpo, orpo, rft, sft, simpo
+
+COPIES = [dpo, ipo, kto, online_dpo, orpo, rft, simpo]
+
+
+@pytest.mark.parametrize("module", COPIES, ids=lambda m: m.__name__.split(".")[-1])
+def test_every_copy_is_sfts(module):
+    """Each script carries its own copy (one file per algorithm); a fix to one must reach all."""
+    for name in ("ChunkedLogps", "label_logps"):
+        assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(sft, name)), name
+
+
+def batch(model):
+    """Two packed-style rows (position_ids restart) and a padded row, with unlabelled prompts and padding."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 48))
+    labels = ids.clone()
+    labels[:, :9] = -100
+    labels[2, 30:] = -100
+    positions = torch.cat([torch.arange(20), torch.arange(28)]).repeat(3, 1)
+    return {"input_ids": ids, "position_ids": positions}, labels
+
+
+def logps_and_grads(model, chunk, autocast):
+    fwd, labels = batch(model)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logps = sft.label_logps(model, fwd, labels, chunk)
+    # distinct weights per position, so a gradient routed to the wrong position or row would show
+    (logps * torch.linspace(-1.0, 2.0, len(logps))).sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_chunked_equals_full_logits(model, chunk):
+    full, full_grads = logps_and_grads(model, 0, autocast=False)
+    logps, grads = logps_and_grads(model, chunk, autocast=False)
+    labels = batch(model)[1]
+    assert logps.shape == ((labels[:, 1:] != -100).sum(),)
+    assert torch.allclose(logps, full, atol=1e-5)
+    for name, g in full_grads.items():
+        assert g.abs().max() > 0, name  # every parameter takes part, the output embedding (tied) included
+        assert (grads[name] - g).abs().max() <= 1e-4 * g.abs().max(), name
+
+
+def test_chunked_under_autocast_matches_within_bf16(model):
+    """Under bf16 autocast the products run in bf16 in both paths; they agree to bf16's precision (2^-8)."""
+    full, full_grads = logps_and_grads(model, 0, autocast=True)
+    logps, grads = logps_and_grads(model, 5, autocast=True)
+    assert logps.dtype == torch.float32  # log-softmax in fp32 whatever the product's dtype
+    assert torch.allclose(logps, full, atol=2e-2)
+    for name, g in full_grads.items():
+        assert (grads[name] - g).abs().max() <= 2e-2 * g.abs().max(), name
+
+
+def test_empty_selection_keeps_the_graph(model):
+    """A micro-batch without labels still runs backward (every FSDP process must) and contributes exactly zero."""
+    fwd, labels = batch(model)
+    logps = sft.label_logps(model, fwd, torch.full_like(labels, -100), 16)
+    assert logps.shape == (0,) and logps.requires_grad
+    model.zero_grad()
+    logps.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_sft_runs_agree_with_and_without_chunks(base, tmp_path):
+    args = ["--max_steps", 4, "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--max_len", 128]
+    run("sft", "--output_dir", tmp_path / "full", "--loss_chunk", 0, *args)
+    run("sft", "--output_dir", tmp_path / "chunked", "--loss_chunk", 64, *args)
+    full, chunked = ([m["loss"] for m in metrics(tmp_path / d) if "loss" in m] for d in ("full", "chunked"))
+    assert len(full) == 4 and max(abs(a - b) for a, b in zip(full, chunked)) < 1e-5
+
+
+def peak_gb(chunk):
+    out = subprocess.run([sys.executable, "tests/test_chunked.py", str(chunk)], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_chunked_uses_less_memory(base):
+    """One forward and backward of 4 x 1024 labelled positions: the full path holds fp32 logits and their gradient
+    (0.5 GB each at this size); the chunked path holds 1024 positions' at a time."""
+    full, chunked = peak_gb(0), peak_gb(1024)
+    assert abs(full["loss"] - chunked["loss"]) < 1e-3 * abs(full["loss"])
+    assert chunked["peak_gb"] < full["peak_gb"] - 0.5, (full, chunked)
+
+
+def measure(chunk):
+    import resource
+
+    from transformers import AutoModelForCausalLM
+
+    from common import toy
+    model = AutoModelForCausalLM.from_pretrained(toy.ensure("base_large"), dtype=torch.float32)
+    model.resize_token_embeddings(32768, mean_resizing=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 0.02)  # tied: the output embedding too
+    ids = torch.randint(0, 32768, (4, 1024))
+    logps = sft.label_logps(model, {"input_ids": ids}, ids, chunk)
+    loss = -logps.mean()
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    print(json.dumps({"chunk": chunk, "loss": loss.item(), "peak_gb": peak}))
+
+
+if __name__ == "__main__":
+    measure(int(sys.argv[1]))

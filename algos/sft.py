@@ -57,6 +57,7 @@ class Args:
     trust_remote_code: bool = False  # allow model code from the hub to run
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
     loss_chunk: int = 1024  # positions whose vocabulary-wide logits exist at once (0: the model's full logits)
+    compile: bool = False  # torch.compile each decoder layer (fuses elementwise work; compiles for a minute first)
 
 
 def token_logps(logits_NV, labels_N, chunk=4096):
@@ -187,6 +188,8 @@ def main(args):
         data.fail(f"tokenizer has {len(tok)} tokens but model {args.model!r} embeds only {n_embed}")
     if args.gradient_checkpointing:
         dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
+    if args.compile:
+        dist.compile_layers(model)
     model = dist.shard(model, world, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -69,6 +69,20 @@ def gradient_checkpointing(model):
     return model
 
 
+def decoder_layers(model):
+    """The repeated blocks of a transformers model (its _no_split_modules classes): FSDP2's and compile's units."""
+    return [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
+
+
+def compile_layers(model):
+    """torch.compile each decoder layer in place (regional compilation, as torchtitan does): the layers share one
+    compiled graph, elementwise work (norms, rotary, activations, residual adds) is fused, and FSDP2's per-layer hooks
+    stay outside. Shapes are dynamic, so packed rows of varying document lengths do not recompile."""
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=True)
+    return model
+
+
 def shard(model, world, device):
     """FSDP2 per decoder layer, then the root; bf16 compute with fp32 gradient reduction on GPU."""
     model.to(device)
@@ -80,7 +94,7 @@ def shard(model, world, device):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()
-    for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
+    for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model

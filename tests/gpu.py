@@ -5,10 +5,15 @@
    (sdpa; PyTorch's varlen FlashAttention; flash-attn when installed).
 2. Every algorithm on the embedded default for a few steps on CUDA (bf16 autocast): ok, or failed with its error.
 3. Throughput on a Qwen2-0.5B-shaped model (random init, vocab 151936, built here in seconds) on long-tailed synthetic
-   chats: SFT packed and padded (real tokens/s, peak memory, MFU against 989 TFLOP/s dense bf16), DPO pairs/s, and
-   GRPO seconds per step for 64 completions of 256 new tokens.
-Logs go to $GPU_OUT (default /tmp/gpu_check); the tables are printed last.
+   chats: SFT packed (chunked log-probs, full logits, gradient checkpointing) and padded (real tokens/s, peak memory,
+   MFU against 989 TFLOP/s dense bf16), DPO pairs/s, and GRPO seconds per step for 64 completions of 256 new tokens.
+4. With `--trl DIR`: Hugging Face TRL on the same model, data and batch, timed by DIR/trl_side.py (TRL installed from
+   DIR/wheels when missing), and the ratio of ours to it.
+`--small`: the same steps on a tiny model and short runs, to check the plumbing on a machine without a GPU.
+Logs go to $GPU_OUT (default /tmp/gpu_check); each table is printed as it is measured.
 """
+import glob
+import importlib.util
 import json
 import os
 import random
@@ -27,7 +32,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                  tie_word_embeddings=True, rope_theta=1e6)
-FAST_TESTS = ["tests/test_losses.py", "tests/test_template.py", "tests/test_packing.py", "tests/test_device.py"]
+FAST_TESTS = ["tests/test_losses.py", "tests/test_template.py", "tests/test_packing.py", "tests/test_device.py",
+              "tests/test_chunked.py", "-k", "not agree_with_and_without and not uses_less_memory"]
 
 
 def script(name, *args, tag=None, timeout=300):
@@ -72,6 +78,27 @@ def smoke():
     return results
 
 
+SMALL = "--small" in sys.argv  # the same steps on a tiny model and short runs: the plumbing, on any machine
+SHAPE = (dict(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True) if SMALL else QWEN2_05B)
+# Each throughput run: (name, script, its settings, optimizer steps, steps between logs, units per step)
+SFT_ROWS, SFT_LEN, N_STEPS = (2, 512, 6) if SMALL else (4, 4096, 12)
+PACKED = ["--max_len", SFT_LEN, "--batch_size", SFT_ROWS]
+RUNS = [  # (name, script, its arguments, the settings as the table shows them), the headline runs first
+    ("sft packed", "sft", PACKED, f"rows of {SFT_ROWS} x {SFT_LEN}"),
+    ("sft packed, full logits", "sft", [*PACKED, "--loss_chunk", 0], f"rows of {SFT_ROWS} x {SFT_LEN}, --loss_chunk 0"),
+    ("dpo", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8], "8 pairs a step"),
+    ("grpo", "grpo", ["--batch_size", 2 if SMALL else 8, "--group_size", 8, "--max_new_tokens", 32 if SMALL else 256,
+                      "--max_len", 512], f"{2 if SMALL else 8} prompts x 8 completions"),
+    ("sft packed, grad. ckpt", "sft", [*PACKED, "--gradient_checkpointing", "true"],
+     f"rows of {SFT_ROWS} x {SFT_LEN}, --gradient_checkpointing"),
+    ("sft packed, compiled", "sft", [*PACKED, "--compile", "true"], f"rows of {SFT_ROWS} x {SFT_LEN}, --compile"),
+    ("sft padded", "sft", ["--max_len", SFT_LEN, "--batch_size", 2 * SFT_ROWS, "--packing", "false"],
+     f"{2 * SFT_ROWS} chats a batch, max_len {SFT_LEN}"),
+]
+N_HEADLINE = 4  # TRL's side runs after these, before the rest
+
+
 def make_big(d):
     """A Qwen2-0.5B-shaped model (random init; the embedded character tokenizer) and long-tailed data files."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -79,7 +106,7 @@ def make_big(d):
     from common import toy
     os.makedirs(d, exist_ok=True)
     tok = toy.build_tokenizer(f"{d}/q05")
-    cfg = Qwen2Config(**QWEN2_05B, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(**SHAPE, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
@@ -92,7 +119,7 @@ def make_big(d):
     text = lambda n: "".join(rng.choice(letters) for _ in range(n))  # noqa: E731
     turn = lambda mu, sigma, cap: text(min(cap, int(rng.lognormvariate(mu, sigma))))  # noqa: E731
     chats, pairs, prompts = [], [], []
-    for _ in range(3000):  # turns geometric, lengths lognormal: median ~300 characters a reply, a long tail
+    for _ in range(300 if SMALL else 3000):  # turns geometric, lengths lognormal: median ~300 characters a reply
         msgs = []
         for _ in range(min(6, 1 + int(rng.expovariate(0.8)))):
             msgs += [{"role": "user", "content": turn(4.3, 0.8, 2000)},
@@ -119,40 +146,82 @@ def rates(out, per_step=1, skip=1):
             "s_per_step": seconds / steps, "peak_mem_gb": rows[-1]["peak_mem_gb"]}
 
 
-SETTINGS = {"sft packed": "rows of 4 x 4096", "sft padded": "8 chats a batch, max_len 4096",
-            "dpo": "8 pairs a step, max_len 1024", "grpo": "8 prompts x 8 completions, 256 new tokens"}
+def show(r, name):
+    """The throughput cell of a run: tokens/s for SFT, pairs/s for DPO, s/step for GRPO."""
+    if name.startswith("sft"):
+        return f"{r['tokens_per_s']:,.0f} real tokens/s"
+    return f"{r['per_s']:.1f} pairs/s" if name.startswith("dpo") else f"{r['s_per_step']:.2f} s/step"
 
 
-def throughput(d):
+def throughput(d, runs, n_params, header=True):
     """Each run in turn (the GPU to itself); its table row printed as soon as it is measured."""
-    n_params = make_big(d)
-    print(f"\nQwen2-0.5B shape ({n_params / 1e6:.0f}M params, vocab 151936, random init), bf16 autocast, fp32 "
-          "weights:\n\n| run | settings | throughput | peak GB | MFU |\n|---|---|---|---|---|", flush=True)
+    print(f"\n{'Tiny' if SMALL else 'Qwen2-0.5B'} shape ({n_params / 1e6:.0f}M params, vocab {SHAPE['vocab_size']}, "
+          "random init), bf16 autocast, fp32 weights:\n" if header else "", flush=True)
+    print("| run | settings | throughput | peak GB | MFU (6N) |\n|---|---|---|---|---|", flush=True)
     q05, rows = f"{d}/q05", {}
     common = ["--model", q05, "--save_every", 0, "--eval_every", 0]
-    for tag, args in (("sft packed", ("sft", "--data", f"{d}/chats.jsonl", "--max_len", 4096, "--batch_size", 4,
-                                      "--max_steps", 15, "--log_every", 5)),
-                      ("sft padded", ("sft", "--data", f"{d}/chats.jsonl", "--max_len", 4096, "--packing", "false",
-                                      "--batch_size", 8, "--max_steps", 15, "--log_every", 5)),
-                      ("dpo", ("dpo", "--data", f"{d}/pairs.jsonl", "--eval_pairs", f"{d}/pairs_eval.jsonl",
-                               "--max_len", 1024, "--batch_size", 8, "--max_steps", 9, "--log_every", 3)),
-                      ("grpo", ("grpo", "--data", f"{d}/prompts.jsonl", "--batch_size", 8, "--group_size", 8,
-                                "--max_new_tokens", 256, "--max_len", 512, "--max_steps", 3, "--log_every", 1))):
-        name = "tp_" + tag.replace(" ", "_")
-        out = os.path.join(OUT, "runs", name)
-        ok, seconds, error = script(args[0], *args[1:], *common, "--output_dir", out, tag=name, timeout=240)
-        r = rows[tag] = rates(out, per_step={"dpo": 8, "grpo": 64}.get(tag, 1)) if ok else {"error": error}
+    for name, algo, settings, described in runs:
+        if algo == "sft":
+            every = N_STEPS // 2 if "--compile" in settings else N_STEPS // 3  # compiling: a longer warm-up, untimed
+            extra = ["--data", f"{d}/chats.jsonl", "--max_steps", N_STEPS, "--log_every", every]
+        elif algo == "dpo":
+            extra = ["--data", f"{d}/pairs.jsonl", "--eval_pairs", f"{d}/pairs_eval.jsonl", "--max_steps", 9,
+                     "--log_every", 3]
+        else:
+            extra = ["--data", f"{d}/prompts.jsonl", "--max_steps", 3, "--log_every", 1]
+        tag = "tp_" + name.replace(" ", "_").replace(",", "").replace(".", "")
+        out = os.path.join(OUT, "runs", tag)
+        ok, seconds, error = script(algo, *settings, *extra, *common, "--output_dir", out, tag=tag, timeout=240)
+        per_step = {"dpo": 8, "grpo": 8 * (2 if SMALL else 8)}.get(algo, 1)
+        r = rows[name] = rates(out, per_step=per_step) if ok else {"error": error}
         r["wall_s"] = seconds
         if "error" in r:
-            print(f"| {tag} | {SETTINGS[tag]} | FAILED: {r['error']} | | |", flush=True)
+            print(f"| {name} | {described} | FAILED: {r['error']} | | |", flush=True)
             continue
-        if tag.startswith("sft"):
+        if algo == "sft":
             r["mfu"] = 6 * n_params * r["tokens_per_s"] / PEAK_FLOPS
-        value = {"dpo": f"{r['per_s']:.1f} pairs/s", "grpo": f"{r['s_per_step']:.2f} s/step"}.get(
-            tag, f"{r['tokens_per_s']:,.0f} real tokens/s")
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
-        print(f"| {tag} | {SETTINGS[tag]} | {value} | {r['peak_mem_gb']:.1f} | {mfu} |", flush=True)
+        print(f"| {name} | {described} | {show(r, name)} | {r['peak_mem_gb']:.1f} | {mfu} |", flush=True)
     return rows
+
+
+def trl_side(d, helper, ours):
+    """Hugging Face TRL on the same model, data and batch, timed by helper/trl_side.py (its wheels installed from
+    helper/wheels when TRL is missing); a row per run beside ours, with the ratio."""
+    env = dict(os.environ, TRL_GC="0")
+    if importlib.util.find_spec("trl") is None and os.path.isdir(os.path.join(helper, "wheels")):
+        site = os.path.join(OUT, "trl_site")
+        p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", site,
+                            *glob.glob(os.path.join(helper, "wheels", "*.whl"))])
+        if p.returncode:
+            print(f"\nTRL: its wheels in {helper}/wheels did not install here; no comparison", flush=True)
+            return {}
+        env["PYTHONPATH"] = site
+    q05 = f"{d}/q05"
+    runs = [("sft packed", ["sft", q05, f"{d}/chats.jsonl", "packing", SFT_LEN, SFT_ROWS, 15], "tokens_per_s"),
+            ("dpo", ["dpo", q05, f"{d}/pairs.jsonl", 256 if SMALL else 1024, 8, 9], "trl_dpo_pairs_per_s"),
+            ("grpo", ["grpo", q05, f"{d}/prompts.jsonl", 2, 32 if SMALL else 256], "trl_grpo_s_per_step")]
+    print("\nHugging Face TRL on the same model, data and batch (gradient checkpointing off, as ours):\n\n"
+          "| run | TRL | peak GB | ours / TRL |\n|---|---|---|---|", flush=True)
+    results = {}
+    for name, args, key in runs:
+        with open(os.path.join(OUT, f"trl_{args[0]}.log"), "w") as log:
+            p = subprocess.run([sys.executable, os.path.join(helper, "trl_side.py"), *map(str, args)], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=300)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if p.returncode or not lines:
+            print(f"| {name} | FAILED (trl_{args[0]}.log) | | |", flush=True)
+            continue
+        r = results[name] = json.loads(lines[-1])
+        mine = ours.get(name, {})
+        if name == "grpo":
+            value, ratio = f"{r[key]:.2f} s/step", r[key] / mine["s_per_step"] if "s_per_step" in mine else None
+        else:
+            unit = "real tokens/s" if name.startswith("sft") else "pairs/s"
+            mine_value = mine.get("tokens_per_s" if name.startswith("sft") else "per_s")
+            value, ratio = f"{r[key]:,.1f} {unit}", mine_value / r[key] if mine_value else None
+        print(f"| {name} | {value} | {r['peak_mem_gb']:.1f} | {f'{ratio:.2f}x' if ratio else ''} |", flush=True)
+    return results
 
 
 def main():
@@ -165,21 +234,29 @@ def main():
     env = (f"{name} | torch {torch.__version__} | transformers {transformers.__version__} | "
            f"training attention: {dist.attn_impl(torch.device(DEVICE))}")
     print(f"## ./run.sh gpu: {env}", flush=True)
-    with open(os.path.join(OUT, "tests.log"), "w") as log:
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAST_TESTS], cwd=ROOT,
-                       stdout=log, stderr=subprocess.STDOUT)
+    # the reference tests in the background, beside the smoke runs (both leave the GPU mostly idle)
+    log = open(os.path.join(OUT, "tests.log"), "w")
+    tests = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAST_TESTS], cwd=ROOT,
+                             stdout=log, stderr=subprocess.STDOUT)
+    smoke_results = smoke()
+    tests.wait()
+    log.close()
     with open(os.path.join(OUT, "tests.log")) as log:
         tests_line = [ln.strip() for ln in log if ln.strip()][-1]
-    print(f"\nreference tests (incl. packed = per-document logits per attention path): {tests_line} "
-          f"({time.time() - t0:.0f} s)", flush=True)
-    smoke_results = smoke()
+    print(f"\nreference tests (incl. packed = per-document logits per attention path): {tests_line}", flush=True)
     print("\n| algorithm | on CUDA | seconds | error |\n|---|---|---|---|")
     for tag, (ok, seconds, error) in smoke_results.items():
         print(f"| {tag} | {'ok' if ok else 'FAILED'} | {seconds:.0f} | {error} |")
     print(f"({time.time() - t0:.0f} s)", flush=True)
-    tp = throughput(os.path.join(OUT, "big"))
+    big = os.path.join(OUT, "big")
+    n_params = make_big(big)
+    tp = throughput(big, RUNS[:N_HEADLINE], n_params)
+    helper = sys.argv[sys.argv.index("--trl") + 1] if "--trl" in sys.argv else ""
+    trl = trl_side(big, os.path.abspath(helper), tp) if helper else {}
+    print(f"({time.time() - t0:.0f} s)", flush=True)
+    tp.update(throughput(big, RUNS[N_HEADLINE:], n_params, header=False))
     with open(os.path.join(OUT, "gpu.json"), "w") as f:
-        json.dump({"env": env, "tests": tests_line, "smoke": smoke_results, "throughput": tp}, f, indent=1)
+        json.dump({"env": env, "tests": tests_line, "smoke": smoke_results, "throughput": tp, "trl": trl}, f, indent=1)
     print(f"\ntotal {time.time() - t0:.0f} s")
     failed = [t for t, (ok, _, _) in smoke_results.items() if not ok]
     sys.exit(1 if failed or " failed" in tests_line or any("error" in r for r in tp.values()) else 0)

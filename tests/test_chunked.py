@@ -68,6 +68,29 @@ def test_chunked_under_autocast_matches_within_bf16(model):
         assert (grads[name] - g).abs().max() <= 2e-2 * g.abs().max(), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (./run.sh gpu runs it)")
+def test_chunked_on_gpu_matches_within_bf16():
+    """On CUDA under bf16 autocast, a Qwen2-shaped model with a 32k vocabulary: the path the GPU runs take."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).cuda()
+    fwd, labels = batch(model)
+    fwd, labels = {k: v.cuda() for k, v in fwd.items()}, labels.cuda()
+    results = []
+    for chunk in (0, 40):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logps = sft.label_logps(model, fwd, labels, chunk)
+        (logps * torch.linspace(-1.0, 2.0, len(logps), device="cuda")).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full, full_grads), (logps, grads) = results
+    assert torch.allclose(logps, full, atol=2e-2)
+    for name, g in full_grads.items():
+        assert (grads[name] - g).abs().max() <= 2e-2 * g.abs().max(), name
+
+
 def test_empty_selection_keeps_the_graph(model):
     """A micro-batch without labels still runs backward (every FSDP process must) and contributes exactly zero."""
     fwd, labels = batch(model)

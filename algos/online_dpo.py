@@ -42,6 +42,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
+from common.packing import boundaries  # noqa: E402
 from common.template import IGNORE, encode_prompt  # noqa: E402
 
 
@@ -74,6 +75,7 @@ class Args:
     trust_remote_code: bool = False  # allow model code from the hub to run
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
     loss_chunk: int = 1024  # positions whose vocabulary-wide logits exist at once (0: the model's full logits)
+    packing: bool = True  # with a varlen kernel (GPU): a micro-batch's sequences in one row, no padding
     beta: float = 0.1  # β: strength of the KL regularisation toward πref (the implicit reward's scale)
     label_smoothing: float = 0.0  # ε of conservative DPO: the probability that a pair's label is flipped
     dpop_lambda: float = 0.0  # λ of DPOP: penalty on the chosen log-prob falling below the reference (0: off)
@@ -143,12 +145,34 @@ def label_logps(model, fwd, labels_BT, chunk):
     return ChunkedLogps.apply(h, model.get_output_embeddings().weight, labels[mask], chunk)
 
 
-def seq_logps(logps_N, labels_BT):
-    """Log-probs of the labelled positions in batch order (label_logps) -> (Σ_t log π(y_t | x, y_<t) over each row's
-    response tokens, |y| the count of those tokens)."""
+def seq_logps(logps_N, labels_BT, seq_BT, n_seqs):
+    """Log-probs of the labelled positions in batch order (label_logps) -> (Σ_t log π(y_t | x, y_<t) over each
+    sequence's response tokens, |y| the count of those tokens), for sequences 0..n_seqs-1 (seq_BT: collate's)."""
     mask_BT = labels_BT[:, 1:] != IGNORE
-    logps_BT = torch.zeros(mask_BT.shape, device=logps_N.device).masked_scatter(mask_BT, logps_N)
-    return logps_BT.sum(-1), mask_BT.sum(-1)
+    seq_N = seq_BT[:, 1:][mask_BT]  # logits at t predict the label at t+1, of the same sequence
+    sums = torch.zeros(n_seqs, device=logps_N.device).index_add(0, seq_N, logps_N)
+    lens = torch.zeros(n_seqs, dtype=torch.long, device=logps_N.device).index_add(0, seq_N, torch.ones_like(seq_N))
+    return sums, lens
+
+
+def collate(seqs, pad_id, packing, device):
+    """Sequences (ids, labels) -> (forward kwargs, labels_BT, seq_BT: the sequence each position belongs to).
+    Packed: one row of every sequence back to back, each a document of its own (position_ids restart at 0; varlen
+    attention keeps them apart by their boundaries, sdpa by a mask from position_ids), so no padding is computed.
+    Else right-padded rows, as long as the longest sequence."""
+    if packing:
+        lengths = torch.tensor([len(ids) for ids, _ in seqs], device="cpu")
+        pos = torch.cat([torch.arange(n, device="cpu") for n in lengths.tolist()])[None]
+        ids = torch.tensor([[t for ids, _ in seqs for t in ids]], device=device)
+        labels = torch.tensor([[t for _, lab in seqs for t in lab]], device=device)
+        seq = torch.repeat_interleave(torch.arange(len(seqs), device="cpu"), lengths)[None].to(device)
+        return {"input_ids": ids, "position_ids": pos.to(device), **boundaries(pos, device)}, labels, seq
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs], device=device)
+    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device=device)
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device=device)
+    seq = torch.arange(len(seqs), device=device)[:, None].expand(-1, width)
+    return {"input_ids": ids, "attention_mask": mask}, labels, seq
 
 
 def dpo_loss(logps_c_M, logps_r_M, ref_c_M, ref_r_M, beta, n_pairs, label_smoothing=0.0, dpop_lambda=0.0):
@@ -270,15 +294,16 @@ def main(args):
                 mod.p = 0.0
         return dist.shard(m, world, device)
 
+    # One packed row pays where attention runs per document (varlen, flash-attn); sdpa would mask a dense
+    # (row x row) square, slower than padding short sequences, so on sdpa (CPU) the rows are padded.
+    packed = args.packing and dist.attn_impl(device) != "sdpa"
+
     def logps_of(model, seqs):
-        """Sequences (ids, labels) in one right-padded forward -> (summed response log-probs, response lengths)."""
-        width = max(len(ids) for ids, _ in seqs)
-        ids = torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids, _ in seqs], device=device)
-        labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device=device)
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device=device)
+        """Sequences (ids, labels) in one forward -> (summed response log-probs, response lengths)."""
+        fwd, labels, seq = collate(seqs, tok.pad_token_id, packed, device)
         with dist.autocast(device):
-            logps_N = label_logps(model, {"input_ids": ids, "attention_mask": mask}, labels, args.loss_chunk)
-        return seq_logps(logps_N, labels)
+            logps_N = label_logps(model, fwd, labels, args.loss_chunk)
+        return seq_logps(logps_N, labels, seq, len(seqs))
 
     # Reference and reward model: frozen, held for the whole run (the pairs are sampled as it goes).
     ref = load(args.ref_model).eval().requires_grad_(False)

@@ -87,7 +87,7 @@ PACKED = ["--max_len", SFT_LEN, "--batch_size", SFT_ROWS]
 RUNS = [  # (name, script, its arguments, the settings as the table shows them), the headline runs first
     ("sft packed", "sft", PACKED, f"rows of {SFT_ROWS} x {SFT_LEN}"),
     ("sft packed, full logits", "sft", [*PACKED, "--loss_chunk", 0], f"rows of {SFT_ROWS} x {SFT_LEN}, --loss_chunk 0"),
-    ("dpo", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8], "8 pairs a step"),
+    ("dpo", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8], "8 pairs a step, packed"),
     ("grpo", "grpo", ["--batch_size", 2 if SMALL else 8, "--group_size", 8, "--max_new_tokens", 32 if SMALL else 256,
                       "--max_len", 512], f"{2 if SMALL else 8} prompts x 8 completions"),
     ("sft packed, grad. ckpt", "sft", [*PACKED, "--gradient_checkpointing", "true"],
@@ -95,6 +95,8 @@ RUNS = [  # (name, script, its arguments, the settings as the table shows them),
     ("sft packed, compiled", "sft", [*PACKED, "--compile", "true"], f"rows of {SFT_ROWS} x {SFT_LEN}, --compile"),
     ("sft padded", "sft", ["--max_len", SFT_LEN, "--batch_size", 2 * SFT_ROWS, "--packing", "false"],
      f"{2 * SFT_ROWS} chats a batch, max_len {SFT_LEN}"),
+    ("dpo padded", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8, "--packing", "false"],
+     "8 pairs a step, --packing false"),
 ]
 N_HEADLINE = 4  # TRL's side runs after these, before the rest
 
@@ -165,8 +167,7 @@ def throughput(d, runs, n_params, header=True):
             every = N_STEPS // 2 if "--compile" in settings else N_STEPS // 3  # compiling: a longer warm-up, untimed
             extra = ["--data", f"{d}/chats.jsonl", "--max_steps", N_STEPS, "--log_every", every]
         elif algo == "dpo":
-            extra = ["--data", f"{d}/pairs.jsonl", "--eval_pairs", f"{d}/pairs_eval.jsonl", "--max_steps", 9,
-                     "--log_every", 3]
+            extra = ["--data", f"{d}/pairs.jsonl", "--max_steps", 9, "--log_every", 3]  # no eval inside the timing
         else:
             extra = ["--data", f"{d}/prompts.jsonl", "--max_steps", 3, "--log_every", 1]
         tag = "tp_" + name.replace(" ", "_").replace(",", "").replace(".", "")

@@ -190,3 +190,39 @@ def test_packed_logits_equal_per_document_on_gpu(impl):
         return err
     assert worst(packed) < 2e-2  # bf16 noise between kernels
     assert worst(leaky) > 0.1  # the check sees documents attending to each other
+
+
+PREFERENCE = ["dpo", "ipo", "kto", "orpo", "simpo", "online_dpo"]
+
+
+@pytest.mark.parametrize("name", PREFERENCE)
+def test_preference_copies_are_dpos(name):
+    """collate and seq_logps are copied into each preference script; a fix to one must reach all."""
+    import importlib
+    import inspect
+    module, dpo = importlib.import_module(f"algos.{name}"), importlib.import_module("algos.dpo")
+    for fn in ("collate", "seq_logps"):
+        assert inspect.getsource(getattr(module, fn)) == inspect.getsource(getattr(dpo, fn)), fn
+
+
+def test_packed_preference_batch_equals_padded(tok, model):
+    """The sequences of a preference micro-batch packed into one row give each sequence's summed log-probability and
+    response length exactly as right-padded rows do (per-document attention, no cross-talk), and gradients too."""
+    from algos.dpo import collate, label_logps, seq_logps
+    from common.template import encode_response
+    seqs = [encode_response(tok, [{"role": "user", "content": q}], [{"role": "assistant", "content": a}])
+            for q, a in (("What is 1+2?", "1+2=3"), ("What is 40+2?", "40+2=42 is the answer"),
+                         ("What is 99-98?", "1"), ("Hi", "Hello there, how are you?"))]
+    results = {}
+    for packing in (True, False):
+        fwd, labels, seq = collate(seqs, tok.pad_token_id, packing, torch.device("cpu"))
+        assert fwd["input_ids"].shape[0] == (1 if packing else len(seqs))
+        model.zero_grad()
+        logps, lens = seq_logps(label_logps(model, fwd, labels, 16), labels, seq, len(seqs))
+        (logps * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+        results[packing] = logps.detach(), lens, {n: p.grad.clone() for n, p in model.named_parameters()}
+    (packed, packed_lens, packed_grads), (padded, padded_lens, padded_grads) = results[True], results[False]
+    assert packed_lens.tolist() == padded_lens.tolist() == [sum(l != IGNORE for l in lab[1:]) for _, lab in seqs]
+    assert torch.allclose(packed, padded, atol=1e-4)
+    for name, g in padded_grads.items():
+        assert (packed_grads[name] - g).abs().max() <= 1e-3 * g.abs().max(), name

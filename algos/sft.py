@@ -207,14 +207,17 @@ def main(args):
 
     def batch_of(idx):
         """Rows idx -> tensors on device: packed rows (position_ids and document boundaries, no attention mask)
-        or a padded batch (attention mask)."""
+        or a padded batch (attention mask); with their counts of labels and real tokens, taken on the CPU."""
         if args.packing:
-            b = {k: rows[k][idx].to(device) for k in ("input_ids", "labels", "position_ids", "n_real")}
+            b = {k: rows[k][idx] for k in ("input_ids", "labels", "position_ids", "n_real")}
             # cu_seq_lens and max_length, from the CPU position_ids: flash-attn and varlen attention keep the
             # documents of several rows apart with them (sdpa ignores them and masks from position_ids)
-            return {**b, **boundaries(rows["position_ids"][idx], device)}
-        b = {k: v.to(device) for k, v in pad([docs[i] for i in idx.tolist()], tok.pad_token_id).items()}
-        return {**b, "n_real": b["attention_mask"].sum(-1)}
+            extra = boundaries(b["position_ids"], device)
+        else:
+            b = pad([docs[i] for i in idx.tolist()], tok.pad_token_id)
+            b["n_real"], extra = b["attention_mask"].sum(-1), {}
+        counts = {"n_labels": int((b["labels"][:, 1:] != IGNORE).sum()), "n_real": int(b.pop("n_real").sum())}
+        return {**{k: dist.to_device(v, device) for k, v in b.items()}, **extra}, counts
 
     def evaluate():
         """{} without an eval set; else eval/accuracy (greedy exact match) or eval/loss (per assistant token)."""
@@ -252,31 +255,33 @@ def main(args):
         starts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this process's micro-batches
         micro = [idx[j:j + args.batch_size] for j in starts]
         batches = [batch_of(m) for m in micro]
-        n_labels = sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)
-        n_tokens = dist.all_sum(n_labels).item()  # N of the equation: labelled tokens of the global batch
-        loss_sum = 0.0
-        for i, b in enumerate(batches):
+        # N of the equation: labelled tokens of the global batch (counted on the CPU: no wait for the GPU here)
+        n_tokens = dist.all_sum(sum(counts["n_labels"] for _, counts in batches)).item()
+        loss_sum = torch.zeros((), device=device)
+        for i, (b, counts) in enumerate(batches):
             if world > 1:
                 model.set_requires_gradient_sync(i == len(batches) - 1)
-            fwd = {k: v for k, v in b.items() if k not in ("labels", "n_real")}  # ids, positions or mask, boundaries
+            fwd = {k: v for k, v in b.items() if k != "labels"}  # ids, positions or mask, boundaries
             with dist.autocast(device):
                 logps = label_logps(model, fwd, b["labels"], args.loss_chunk)
             loss = -logps.sum() / max(n_tokens, 1)  # sft_loss, from the labelled positions' log-probabilities
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
-            loss_sum += loss.item()
-            tokens += b["n_real"].sum().item()
-        loss_step = dist.all_sum(loss_sum).item()
-        if not math.isfinite(loss_step):
-            data.fail(f"non-finite loss {loss_step} at step {step + 1}; stopping without saving a model")
-        gnorm = dist.grad_norm(model, args.max_grad_norm)
+            loss_sum += loss.detach()  # kept on the device: the host reads it only when it logs or saves
+            tokens += counts["n_real"]
+        gnorm = dist.clip_grads(model, args.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
-        if done % args.log_every == 0 or done == total_steps:
+        log_now = done % args.log_every == 0 or done == total_steps
+        if log_now or (args.save_every and done % args.save_every == 0):
+            loss_step = dist.all_sum(loss_sum).item()  # the first host sync of the step
+            if not math.isfinite(loss_step):
+                data.fail(f"non-finite loss {loss_step} at step {done}; stopping without saving a model")
+        if log_now:
             tps = dist.all_sum(tokens).item() / (time.time() - t_log)
             extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
-            metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
+            metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm.item(), tokens_per_s=tps,
                         peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:

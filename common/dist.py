@@ -135,9 +135,20 @@ def all_sum(x):
     return x.cpu()
 
 
-def grad_norm(model, max_norm):
+def clip_grads(model, max_norm):
+    """Clips the gradients to max_norm; -> their norm before clipping, a tensor on the device (no host sync)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def grad_norm(model, max_norm):
+    return clip_grads(model, max_norm).item()
+
+
+def to_device(x, device):
+    """A CPU tensor to device without stalling the host: pinned and copied asynchronously on CUDA (a copy from
+    pageable memory waits for the GPU to finish everything queued before it)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
 
 def peak_mem_gb(device):

@@ -74,7 +74,7 @@ class Args:
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
-    loss_chunk: int = 1024  # positions whose vocabulary-wide logits exist at once (0: the model's full logits)
+    loss_chunk: int = -1  # millions of vocabulary-wide logits held at once; 0: full logits; -1: 128 on GPU, 0 on CPU
     packing: bool = True  # with a varlen kernel (GPU): a micro-batch's sequences in one row, no padding
     beta: float = 0.1  # β: strength of the KL regularisation toward πref (the implicit reward's scale)
     label_smoothing: float = 0.0  # ε of conservative DPO: the probability that a pair's label is flipped
@@ -130,25 +130,31 @@ class ChunkedLogps(torch.autograd.Function):
         return grad_h, grad_w.to(w_VH.dtype), None, None
 
 
-def label_logps(model, fwd, labels_BT, chunk):
-    """log πθ(x_{t+1} | x_≤t) at every labelled position, in their order in the batch. chunk > 0: from the final
+def label_logps(model, fwd, labels_BT, budget):
+    """log πθ(x_{t+1} | x_≤t) at every labelled position, in their order in the batch. budget > 0: from the final
     hidden states and the output embedding through ChunkedLogps (an empty logits_to_keep: the model computes no
-    logits); 0: from the model's full logits (for models that post-process them, e.g. soft-capping). Run under
-    autocast. use_cache=False: with a cache, transformers ignores position_ids when masking (packed docs would leak)."""
+    logits), as many positions a chunk as keep budget logits (883 of a 152k vocabulary at 2^27; a small vocabulary
+    takes a whole batch in one chunk, which computes what the full logits do); 0: from the model's full logits
+    (for models that post-process them, e.g. soft-capping). Run under autocast. use_cache=False: with a cache,
+    transformers ignores position_ids when masking (packed documents would leak)."""
     labels = labels_BT[:, 1:]
     mask = labels != IGNORE
-    if not chunk:
+    if not budget:
         return token_logps(model(**fwd, use_cache=False).logits[:, :-1][mask], labels[mask])
     none = torch.zeros(0, dtype=torch.long, device=labels.device)
     out = model(**fwd, use_cache=False, output_hidden_states=True, logits_to_keep=none)
     h = out.hidden_states[-1][:, :-1][mask]  # the last hidden state, after the final norm
-    return ChunkedLogps.apply(h, model.get_output_embeddings().weight, labels[mask], chunk)
+    w = model.get_output_embeddings().weight
+    return ChunkedLogps.apply(h, w, labels[mask], max(1, budget // w.shape[0]))
 
 
 def seq_logps(logps_N, labels_BT, seq_BT, n_seqs):
     """Log-probs of the labelled positions in batch order (label_logps) -> (Σ_t log π(y_t | x, y_<t) over each
     sequence's response tokens, |y| the count of those tokens), for sequences 0..n_seqs-1 (seq_BT: collate's)."""
     mask_BT = labels_BT[:, 1:] != IGNORE
+    if len(labels_BT) == n_seqs:  # one sequence a row (padded)
+        logps_BT = torch.zeros(mask_BT.shape, device=logps_N.device).masked_scatter(mask_BT, logps_N)
+        return logps_BT.sum(-1), mask_BT.sum(-1)
     seq_N = seq_BT[:, 1:][mask_BT]  # logits at t predict the label at t+1, of the same sequence
     sums = torch.zeros(n_seqs, device=logps_N.device).index_add(0, seq_N, logps_N)
     lens = torch.zeros(n_seqs, dtype=torch.long, device=logps_N.device).index_add(0, seq_N, torch.ones_like(seq_N))
@@ -302,7 +308,7 @@ def main(args):
         """Sequences (ids, labels) in one forward -> (summed response log-probs, response lengths)."""
         fwd, labels, seq = collate(seqs, tok.pad_token_id, packed, device)
         with dist.autocast(device):
-            logps_N = label_logps(model, fwd, labels, args.loss_chunk)
+            logps_N = label_logps(model, fwd, labels, dist.logits_budget(args.loss_chunk, device))
         return seq_logps(logps_N, labels, seq, len(seqs))
 
     # Reference and reward model: frozen, held for the whole run (the pairs are sampled as it goes).

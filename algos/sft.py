@@ -56,7 +56,7 @@ class Args:
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
-    loss_chunk: int = 1024  # positions whose vocabulary-wide logits exist at once (0: the model's full logits)
+    loss_chunk: int = -1  # millions of vocabulary-wide logits held at once; 0: full logits; -1: 128 on GPU, 0 on CPU
     compile: bool = False  # torch.compile each decoder layer (fuses elementwise work; compiles for a minute first)
 
 
@@ -109,19 +109,22 @@ class ChunkedLogps(torch.autograd.Function):
         return grad_h, grad_w.to(w_VH.dtype), None, None
 
 
-def label_logps(model, fwd, labels_BT, chunk):
-    """log πθ(x_{t+1} | x_≤t) at every labelled position, in their order in the batch. chunk > 0: from the final
+def label_logps(model, fwd, labels_BT, budget):
+    """log πθ(x_{t+1} | x_≤t) at every labelled position, in their order in the batch. budget > 0: from the final
     hidden states and the output embedding through ChunkedLogps (an empty logits_to_keep: the model computes no
-    logits); 0: from the model's full logits (for models that post-process them, e.g. soft-capping). Run under
-    autocast. use_cache=False: with a cache, transformers ignores position_ids when masking (packed docs would leak)."""
+    logits), as many positions a chunk as keep budget logits (883 of a 152k vocabulary at 2^27; a small vocabulary
+    takes a whole batch in one chunk, which computes what the full logits do); 0: from the model's full logits
+    (for models that post-process them, e.g. soft-capping). Run under autocast. use_cache=False: with a cache,
+    transformers ignores position_ids when masking (packed documents would leak)."""
     labels = labels_BT[:, 1:]
     mask = labels != IGNORE
-    if not chunk:
+    if not budget:
         return token_logps(model(**fwd, use_cache=False).logits[:, :-1][mask], labels[mask])
     none = torch.zeros(0, dtype=torch.long, device=labels.device)
     out = model(**fwd, use_cache=False, output_hidden_states=True, logits_to_keep=none)
     h = out.hidden_states[-1][:, :-1][mask]  # the last hidden state, after the final norm
-    return ChunkedLogps.apply(h, model.get_output_embeddings().weight, labels[mask], chunk)
+    w = model.get_output_embeddings().weight
+    return ChunkedLogps.apply(h, w, labels[mask], max(1, budget // w.shape[0]))
 
 
 def sft_loss(logits_BTV, labels_BT, n_tokens):
@@ -263,7 +266,7 @@ def main(args):
                 model.set_requires_gradient_sync(i == len(batches) - 1)
             fwd = {k: v for k, v in b.items() if k != "labels"}  # ids, positions or mask, boundaries
             with dist.autocast(device):
-                logps = label_logps(model, fwd, b["labels"], args.loss_chunk)
+                logps = label_logps(model, fwd, b["labels"], dist.logits_budget(args.loss_chunk, device))
             loss = -logps.sum() / max(n_tokens, 1)  # sft_loss, from the labelled positions' log-probabilities
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
             loss_sum += loss.detach()  # kept on the device: the host reads it only when it logs or saves

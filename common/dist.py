@@ -135,6 +135,15 @@ def all_sum(x):
     return x.cpu()
 
 
+def logits_budget(loss_chunk, device):
+    """--loss_chunk (millions of vocabulary-wide logits held at once) in logits. -1, the default: 2^27 on GPU, where
+    a batch's full logits take gigabytes; 0 on CPU (the model's full logits), the path the embedded task's learning
+    tests were calibrated on (its 100-token vocabulary makes the logits small there)."""
+    if loss_chunk < 0:
+        loss_chunk = 128 if device.type == "cuda" else 0
+    return loss_chunk << 20
+
+
 def clip_grads(model, max_norm):
     """Clips the gradients to max_norm; -> their norm before clipping, a tensor on the device (no host sync)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)

@@ -40,7 +40,7 @@ def logps_and_grads(model, chunk, autocast):
     fwd, labels = batch(model)
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logps = sft.label_logps(model, fwd, labels, chunk)
+        logps = sft.label_logps(model, fwd, labels, chunk * model.config.vocab_size)  # chunk positions a chunk
     # distinct weights per position, so a gradient routed to the wrong position or row would show
     (logps * torch.linspace(-1.0, 2.0, len(logps))).sum().backward()
     return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -82,7 +82,7 @@ def test_chunked_on_gpu_matches_within_bf16():
     for chunk in (0, 40):
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logps = sft.label_logps(model, fwd, labels, chunk)
+            logps = sft.label_logps(model, fwd, labels, chunk * cfg.vocab_size)
         (logps * torch.linspace(-1.0, 2.0, len(logps), device="cuda")).sum().backward()
         results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (full, full_grads), (logps, grads) = results
@@ -94,7 +94,7 @@ def test_chunked_on_gpu_matches_within_bf16():
 def test_empty_selection_keeps_the_graph(model):
     """A micro-batch without labels still runs backward (every FSDP process must) and contributes exactly zero."""
     fwd, labels = batch(model)
-    logps = sft.label_logps(model, fwd, torch.full_like(labels, -100), 16)
+    logps = sft.label_logps(model, fwd, torch.full_like(labels, -100), 16 * model.config.vocab_size)
     assert logps.shape == (0,) and logps.requires_grad
     model.zero_grad()
     logps.sum().backward()
@@ -104,7 +104,7 @@ def test_empty_selection_keeps_the_graph(model):
 def test_sft_runs_agree_with_and_without_chunks(base, tmp_path):
     args = ["--max_steps", 4, "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--max_len", 128]
     run("sft", "--output_dir", tmp_path / "full", "--loss_chunk", 0, *args)
-    run("sft", "--output_dir", tmp_path / "chunked", "--loss_chunk", 64, *args)
+    run("sft", "--output_dir", tmp_path / "chunked", "--loss_chunk", 1, *args)
     full, chunked = ([m["loss"] for m in metrics(tmp_path / d) if "loss" in m] for d in ("full", "chunked"))
     assert len(full) == 4 and max(abs(a - b) for a, b in zip(full, chunked)) < 1e-5
 
@@ -135,7 +135,7 @@ def measure(chunk):
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, 0.02)  # tied: the output embedding too
     ids = torch.randint(0, 32768, (4, 1024))
-    logps = sft.label_logps(model, {"input_ids": ids}, ids, chunk)
+    logps = sft.label_logps(model, {"input_ids": ids}, ids, chunk * 32768)
     loss = -logps.mean()
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

@@ -8,7 +8,7 @@ from common import dist
 
 def logps_and_grads(model, ids, labels, positions):
     model.zero_grad()
-    logps = label_logps(model, {"input_ids": ids, "position_ids": positions}, labels, 64)
+    logps = label_logps(model, {"input_ids": ids, "position_ids": positions}, labels, 64 * model.config.vocab_size)
     (logps * torch.linspace(-1.0, 2.0, len(logps))).sum().backward()
     return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -218,7 +218,7 @@ def test_packed_preference_batch_equals_padded(tok, model):
         fwd, labels, seq = collate(seqs, tok.pad_token_id, packing, torch.device("cpu"))
         assert fwd["input_ids"].shape[0] == (1 if packing else len(seqs))
         model.zero_grad()
-        logps, lens = seq_logps(label_logps(model, fwd, labels, 16), labels, seq, len(seqs))
+        logps, lens = seq_logps(label_logps(model, fwd, labels, 16 * model.config.vocab_size), labels, seq, len(seqs))
         (logps * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
         results[packing] = logps.detach(), lens, {n: p.grad.clone() for n, p in model.named_parameters()}
     (packed, packed_lens, packed_grads), (padded, padded_lens, padded_grads) = results[True], results[False]

@@ -109,6 +109,19 @@ def test_sft_runs_agree_with_and_without_chunks(base, tmp_path):
     assert len(full) == 4 and max(abs(a - b) for a, b in zip(full, chunked)) < 1e-5
 
 
+def test_chunked_under_fsdp_matches_one_process(base, tmp_path):
+    """The multi-GPU path on CPU: FSDP2 over 2 gloo processes with the chunked loss (the output embedding read after
+    the root's forward, its gradient reduced with the rest) against 1 process with the same 4 rows a step."""
+    args = ["--max_steps", 3, "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--max_len", 128,
+            "--loss_chunk", 1]
+    run("sft", "--output_dir", tmp_path / "one", "--batch_size", 4, *args)
+    run("sft", "--output_dir", tmp_path / "two", "--batch_size", 2, *args, nproc=2)
+    one, two = ([m for m in metrics(tmp_path / d) if "loss" in m] for d in ("one", "two"))
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"]
+
+
 def peak_gb(chunk):
     out = subprocess.run([sys.executable, "tests/test_chunked.py", str(chunk)], cwd=ROOT, capture_output=True,
                          text=True, check=True)

@@ -84,7 +84,8 @@ class ChunkedLogps(torch.autograd.Function):
     embedding w (V, H), `chunk` positions at a time. Forward keeps only each position's logsumexp; backward
     recomputes a chunk's logits. So memory grows with chunk x V instead of N x V (at N = 16k tokens and a 152k
     vocabulary the full logits and their gradient take 10 GB in bf16), for one more h·w product. Gradients:
-        ∂log p(y_n)/∂logits_n = onehot(y_n) - softmax(logits_n);  ∂/∂h_n = (...)·w;  ∂/∂w = Σ_n (...)ᵀ h_n.
+        ∂log p(y_n)/∂logits_n = onehot(y_n) - softmax(logits_n),
+        ∂/∂h_n = (...)·w,  ∂/∂w = Σ_n (...)ᵀ h_n.
     The matrix products run in the autocast dtype when autocast is on (forward decides; backward follows)."""
 
     @staticmethod
@@ -121,8 +122,8 @@ class ChunkedLogps(torch.autograd.Function):
 def label_logps(model, fwd, labels_BT, budget):
     """log πθ(x_{t+1} | x_≤t) at every labelled position, in their order in the batch. budget > 0: from the final
     hidden states and the output embedding through ChunkedLogps (an empty logits_to_keep: the model computes no
-    logits), as many positions a chunk as keep budget logits (883 of a 152k vocabulary at 2^27; a small vocabulary
-    takes a whole batch in one chunk, which computes what the full logits do); 0: from the model's full logits
+    logits), as many positions a chunk as `budget` logits allow (883 of a 152k vocabulary at 2^27; a small
+    vocabulary takes a whole batch in one chunk); 0: from the model's full logits, equal up to float rounding
     (for models that post-process them, e.g. soft-capping). Run under autocast. use_cache=False: with a cache,
     transformers ignores position_ids when masking (packed documents would leak)."""
     labels = labels_BT[:, 1:]

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, AutoTokenizer, GenerationConfig,
+                          AutoModelForTokenClassification, AutoTokenizer, GenerationConfig, StaticCache,
                           get_constant_schedule_with_warmup)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,6 +64,7 @@ class Args:
     num_minibatches: int = 4  # optimizer steps per PPO epoch: the rollout is split into this many
     ppo_epochs: int = 4  # passes over each rollout
     max_new_tokens: int = 12  # completion length limit
+    static_cache: str = "auto"  # static KV cache, compiled decode (see rollout): true|false|auto (one CUDA process)
     temperature: float = 1.0  # sampling temperature (log-probs use the same scaled logits)
     top_p: float = 1.0  # nucleus sampling
     mask_truncated: bool = False  # completions without an end-of-turn token carry no loss
@@ -207,6 +208,10 @@ def load_prompts(path, tok, args, need_str=False, need_answer=False):
 
 def main(args):
     rank, world, device = dist.setup(args.seed)
+    if args.static_cache not in ("auto", "true", "false"):
+        data.fail("--static_cache must be auto|true|false")
+    static = args.static_cache == "true" or (args.static_cache == "auto" and device.type == "cuda" and world == 1)
+    static_len = args.max_len if static else 0  # positions of the sampling cache (0: a dynamic cache)
     embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("rl.jsonl")
     args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
@@ -301,13 +306,17 @@ def main(args):
     @torch.no_grad()
     def rollout(prompt_ids, cfg):
         """Left-padded prompts -> completions sampled with the KV cache: (ids_BL, attn_BL, P, mask_BT, has_eos_B);
-        the completion mask holds every token up to and including the first EOS, never the padding after it."""
+        the completion mask holds every token up to and including the first EOS, never the padding after it.
+        --static_cache: a cache of max_len positions, with which transformers compiles the decode step on CUDA."""
         P = max(map(len, prompt_ids))
         x = torch.tensor([[pad] * (P - len(p)) + p for p in prompt_ids], device=device)
         lens = torch.tensor([len(p) for p in prompt_ids], device=device)
         attn = (torch.arange(P, device=device) >= P - lens[:, None]).long()
         with dist.autocast(device):
-            out = actor.generate(input_ids=x, attention_mask=attn, generation_config=cfg, synced_gpus=world > 1)
+            static_kv = StaticCache(config=actor.config, max_cache_len=static_len) if static else None
+            cache = dist.cache_kwarg(actor, static_kv) if static else {}
+            out = actor.generate(input_ids=x, attention_mask=attn, generation_config=cfg, synced_gpus=world > 1,
+                                 **cache)
         is_eos = out[:, P:] == eos
         mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
         return out, torch.cat([attn, mask.long()], 1), P, mask, is_eos.any(1)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig,
-                          get_constant_schedule_with_warmup)
+                          StaticCache, get_constant_schedule_with_warmup)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -52,6 +52,7 @@ class Args:
     grad_accum: int = 1  # micro-batches per optimizer step
     group_size: int = 8  # sampled completions per prompt (plus one greedy completion, the baseline)
     max_new_tokens: int = 12  # completion length limit
+    static_cache: str = "auto"  # static KV cache, compiled decode (see generate): true|false|auto (one CUDA process)
     temperature: float = 1.0  # sampling temperature (log-probs are of the tempered policy)
     top_p: float = 1.0  # nucleus sampling
     mask_truncated: bool = False  # completions that hit max_new_tokens without EOS carry no loss (DAPO)
@@ -159,20 +160,28 @@ def completion_logps(model, rows, C, temperature, device):
 
 
 @torch.no_grad()
-def generate(model, prompts, G, tok, gen_cfg, device, synced=False):
+def generate(model, prompts, G, tok, gen_cfg, device, synced=False, static_len=0):
     """Batched sampling with the KV cache: prompts left-padded, each prefilled once and its cache copied to its G rows.
+    static_len > 0: a fixed-size cache of that many positions instead, with which transformers compiles the decode
+    step on CUDA (CUDA graphs: one launch per token instead of one per kernel; the first call compiles); every row
+    then prefills its own copy of the prompt, a small cost beside the decode. Under bf16 autocast on CUDA, as the
+    log-prob forwards are, so the sampler is the policy that is scored.
     -> completions comp_NC (N = B·G, a prompt's samples consecutive), mask_NC (the tokens up to and including the
     first EOS; padding after it excluded), ended_N (an EOS was produced)."""
     width = max(map(len, prompts))
     x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    cache = DynamicCache(config=model.config)
-    prefix_pos = (attn[:, :-1].cumsum(-1) - 1).clamp(min=0)
-    model(input_ids=x[:, :-1], attention_mask=attn[:, :-1], position_ids=prefix_pos, use_cache=True,
-          **dist.cache_kwarg(model, cache))
-    cache.batch_repeat_interleave(G)
-    out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0),
-                         generation_config=gen_cfg, synced_gpus=synced, **dist.cache_kwarg(model, cache))
+    with dist.autocast(device):
+        if static_len:
+            cache = StaticCache(config=model.config, max_cache_len=static_len)
+        else:
+            cache = DynamicCache(config=model.config)
+            prefix_pos = (attn[:, :-1].cumsum(-1) - 1).clamp(min=0)
+            model(input_ids=x[:, :-1], attention_mask=attn[:, :-1], position_ids=prefix_pos, use_cache=True,
+                  **dist.cache_kwarg(model, cache))
+            cache.batch_repeat_interleave(G)
+        out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0),
+                             generation_config=gen_cfg, synced_gpus=synced, **dist.cache_kwarg(model, cache))
     comp_NC, C = out[:, width:], out.shape[1] - width
     is_eos = comp_NC == tok.eos_token_id
     ended_N = is_eos.any(-1)
@@ -202,6 +211,10 @@ def distinct2(comps):
 
 def main(args):
     rank, world, device = dist.setup(args.seed)
+    if args.static_cache not in ("auto", "true", "false"):
+        data.fail("--static_cache must be auto|true|false")
+    static = args.static_cache == "true" or (args.static_cache == "auto" and device.type == "cuda" and world == 1)
+    static_len = args.max_len if static else 0  # positions of the sampling cache (0: a dynamic cache)
     embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("rl.jsonl")
     args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
@@ -280,8 +293,10 @@ def main(args):
         The sampling policy's own log-probs come from the first update pass (on-policy): no forward of their own."""
         torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
         prompt_ids = [r["ids"] for r in recs]
-        comp, mask, ended = generate(model, prompt_ids, args.group_size, tok, gen_cfg, device, world > 1)
-        texts = tok.batch_decode(comp, skip_special_tokens=True)
+        t_gen = time.time()
+        comp, mask, ended = generate(model, prompt_ids, args.group_size, tok, gen_cfg, device, world > 1, static_len)
+        texts = tok.batch_decode(comp, skip_special_tokens=True)  # on the host: the sampling has finished
+        timing["generate"] += time.time() - t_gen
         answers = [r["answer"] for r in recs for _ in range(args.group_size)]
         rewards = torch.tensor([toy.verify(t, a) for t, a in zip(texts, answers)], device=device)
         rows = group_rows(prompt_ids, comp, args.group_size, tok.pad_token_id, args.share_prompt)
@@ -291,7 +306,8 @@ def main(args):
         if args.mask_truncated:
             mask = mask & ended[:, None]
         n_tokens = sum(map(len, prompt_ids)) * args.group_size + mask.sum().item()
-        greedy_comp, _, _ = generate(model, prompt_ids, 1, tok, greedy_cfg, device, world > 1)  # ŷ: one per prompt
+        # ŷ: one greedy completion per prompt
+        greedy_comp, _, _ = generate(model, prompt_ids, 1, tok, greedy_cfg, device, world > 1, static_len)
         greedy_texts = tok.batch_decode(greedy_comp, skip_special_tokens=True)
         greedy = torch.tensor([toy.verify(t, r["answer"]) for t, r in zip(greedy_texts, recs)], device=device)
         return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=rewards, ref_logps=ref_logps,
@@ -303,7 +319,7 @@ def main(args):
     if start == 0:
         metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="remax")
-    t_log, tokens = time.time(), 0.0
+    t_log, tokens, timing = time.time(), 0.0, {"generate": 0.0, "steps": 0}
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
         epoch_rng = torch.Generator().manual_seed(args.seed + epoch)
@@ -358,13 +374,15 @@ def main(args):
         sched.step()
         opt.zero_grad(set_to_none=True)
         loss_step = dist.all_sum(loss_sum).item()
+        timing["steps"] += 1
         model.eval()  # rollouts and evaluation generate with the KV cache, which train mode would drop
 
         # Log: this step's rollout and update, over the global batch.
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
             s = sums.reduce()
-            tps = dist.all_sum(tokens).item() / (time.time() - t_log)
+            seconds = time.time() - t_log
+            tps = dist.all_sum(tokens).item() / seconds
             n_resp = max(s["completion_tokens"], 1)  # completion tokens of the rollout
             mean = s["reward"] / s["samples"]
             std = math.sqrt(max(s["reward_sq"] / s["samples"] - mean ** 2, 0.0))
@@ -374,8 +392,8 @@ def main(args):
                         peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean, "reward/std": std},
                         frac_zero_std=s["zero_std_groups"] / s["groups"], **kl, entropy=s["entropy"] / n_resp,
                         response_length=s["completion_tokens"] / s["samples"], distinct2=s["distinct2"] / s["groups"],
-                        **extra)
-            t_log, tokens = time.time(), 0.0
+                        step_s=seconds / timing["steps"], generate_s=timing["generate"] / timing["steps"], **extra)
+            t_log, tokens, timing = time.time(), 0.0, {"generate": 0.0, "steps": 0}
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
     dist.save_model(model, tok, args.output_dir, rank)

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, DynamicCache,
-                          GenerationConfig, get_constant_schedule)
+                          GenerationConfig, StaticCache, get_constant_schedule)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
@@ -58,6 +58,7 @@ class Args:
     num_samples: int = 8  # n: completions sampled per prompt
     gen_batch_size: int = 64  # prompts per process per generate call (each sampled num_samples times)
     max_new_tokens: int = 12  # completion length limit
+    static_cache: str = "auto"  # static KV cache, compiled decode (see generate): true|false|auto (one CUDA process)
     temperature: float = 1.0  # sampling temperature (the loss is the plain log-likelihood, at temperature 1)
     top_p: float = 1.0  # nucleus sampling
     min_reward: float = 1.0  # r_min: a prompt whose best reward is below it keeps nothing (verifier: correct only)
@@ -166,20 +167,28 @@ def label_logps(model, fwd, labels_BT, budget):
 
 
 @torch.no_grad()
-def generate(model, prompts, G, tok, gen_cfg, device, synced=False):
+def generate(model, prompts, G, tok, gen_cfg, device, synced=False, static_len=0):
     """Batched sampling with the KV cache: prompts left-padded, each prefilled once and its cache copied to its G rows.
+    static_len > 0: a fixed-size cache of that many positions instead, with which transformers compiles the decode
+    step on CUDA (CUDA graphs: one launch per token instead of one per kernel; the first call compiles); every row
+    then prefills its own copy of the prompt, a small cost beside the decode. Under bf16 autocast on CUDA, as the
+    log-prob forwards are, so the sampler is the policy that is scored.
     -> completions comp_NC (N = B·G, a prompt's samples consecutive), mask_NC (the tokens up to and including the
     first EOS; padding after it excluded), ended_N (an EOS was produced)."""
     width = max(map(len, prompts))
     x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    cache = DynamicCache(config=model.config)
-    prefix_pos = (attn[:, :-1].cumsum(-1) - 1).clamp(min=0)
-    model(input_ids=x[:, :-1], attention_mask=attn[:, :-1], position_ids=prefix_pos, use_cache=True,
-          **dist.cache_kwarg(model, cache))
-    cache.batch_repeat_interleave(G)
-    out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0),
-                         generation_config=gen_cfg, synced_gpus=synced, **dist.cache_kwarg(model, cache))
+    with dist.autocast(device):
+        if static_len:
+            cache = StaticCache(config=model.config, max_cache_len=static_len)
+        else:
+            cache = DynamicCache(config=model.config)
+            prefix_pos = (attn[:, :-1].cumsum(-1) - 1).clamp(min=0)
+            model(input_ids=x[:, :-1], attention_mask=attn[:, :-1], position_ids=prefix_pos, use_cache=True,
+                  **dist.cache_kwarg(model, cache))
+            cache.batch_repeat_interleave(G)
+        out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0),
+                             generation_config=gen_cfg, synced_gpus=synced, **dist.cache_kwarg(model, cache))
     comp_NC, C = out[:, width:], out.shape[1] - width
     is_eos = comp_NC == tok.eos_token_id
     ended_N = is_eos.any(-1)
@@ -217,6 +226,10 @@ def load_prompts(path, tok, args, need_answer=True):
 
 def main(args):
     rank, world, device = dist.setup(args.seed)
+    if args.static_cache not in ("auto", "true", "false"):
+        data.fail("--static_cache must be auto|true|false")
+    static = args.static_cache == "true" or (args.static_cache == "auto" and device.type == "cuda" and world == 1)
+    static_len = args.max_len if static else 0  # positions of the sampling cache (0: a dynamic cache)
     embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("rl.jsonl")
     args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
@@ -314,7 +327,7 @@ def main(args):
             recs = [prompts[j] for j in idx[g * args.gen_batch_size:(g + 1) * args.gen_batch_size]]
             torch.manual_seed(args.seed * 10**9 + rnd * 10**4 + g)  # samples depend on (round, chunk) only
             prompt_ids = [r["ids"] for r in recs]
-            comp, mask, ended = generate(model, prompt_ids, n, tok, gen_cfg, device, world > 1)
+            comp, mask, ended = generate(model, prompt_ids, n, tok, gen_cfg, device, world > 1, static_len)
             if rm is not None:
                 rewards = rm_scores(rm, prompt_ids, comp, mask, n, tok.pad_token_id, device)
             else:

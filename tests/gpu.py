@@ -84,12 +84,15 @@ SHAPE = (dict(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden
 # Each throughput run: (name, script, its settings, optimizer steps, steps between logs, units per step)
 SFT_ROWS, SFT_LEN, N_STEPS = (2, 512, 6) if SMALL else (4, 4096, 12)
 PACKED = ["--max_len", SFT_LEN, "--batch_size", SFT_ROWS]
+GRPO = ["--batch_size", 2 if SMALL else 8, "--group_size", 8, "--max_new_tokens", 32 if SMALL else 256, "--max_len", 512]
+GRPO_ROWS = f"{2 if SMALL else 8} prompts x 8 completions"
 RUNS = [  # (name, script, its arguments, the settings as the table shows them), the headline runs first
     ("sft packed", "sft", PACKED, f"rows of {SFT_ROWS} x {SFT_LEN}"),
     ("sft packed, full logits", "sft", [*PACKED, "--loss_chunk", 0], f"rows of {SFT_ROWS} x {SFT_LEN}, --loss_chunk 0"),
     ("dpo", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8], "8 pairs a step, packed"),
-    ("grpo", "grpo", ["--batch_size", 2 if SMALL else 8, "--group_size", 8, "--max_new_tokens", 32 if SMALL else 256,
-                      "--max_len", 512], f"{2 if SMALL else 8} prompts x 8 completions"),
+    ("grpo", "grpo", GRPO, GRPO_ROWS),
+    ("grpo, dynamic cache", "grpo", [*GRPO, "--static_cache", "false"], f"{GRPO_ROWS}, --static_cache false"),
+    ("grpo, prompt per row", "grpo", [*GRPO, "--share_prompt", "false"], f"{GRPO_ROWS}, --share_prompt false"),
     ("sft packed, grad. ckpt", "sft", [*PACKED, "--gradient_checkpointing", "true"],
      f"rows of {SFT_ROWS} x {SFT_LEN}, --gradient_checkpointing"),
     ("sft packed, compiled", "sft", [*PACKED, "--compile", "true"], f"rows of {SFT_ROWS} x {SFT_LEN}, --compile"),
@@ -144,15 +147,18 @@ def rates(out, per_step=1, skip=1):
     timed = list(zip(rows[skip - 1:], rows[skip:]))
     steps = sum(b["step"] - a["step"] for a, b in timed)
     seconds = sum(b["time"] - a["time"] for a, b in timed)
+    sampling = {"generate_s": sum(b["generate_s"] for _, b in timed) / len(timed)} if "generate_s" in rows[-1] else {}
     return {"tokens_per_s": sum(b["tokens_per_s"] for _, b in timed) / len(timed), "per_s": steps * per_step / seconds,
-            "s_per_step": seconds / steps, "peak_mem_gb": rows[-1]["peak_mem_gb"]}
+            "s_per_step": seconds / steps, "peak_mem_gb": rows[-1]["peak_mem_gb"], **sampling}
 
 
 def show(r, name):
     """The throughput cell of a run: tokens/s for SFT, pairs/s for DPO, s/step for GRPO."""
     if name.startswith("sft"):
         return f"{r['tokens_per_s']:,.0f} real tokens/s"
-    return f"{r['per_s']:.1f} pairs/s" if name.startswith("dpo") else f"{r['s_per_step']:.2f} s/step"
+    if name.startswith("dpo"):
+        return f"{r['per_s']:.1f} pairs/s"
+    return f"{r['s_per_step']:.2f} s/step ({r['generate_s']:.2f} s sampling)"
 
 
 def throughput(d, runs, n_params, header=True):
@@ -169,7 +175,7 @@ def throughput(d, runs, n_params, header=True):
         elif algo == "dpo":
             extra = ["--data", f"{d}/pairs.jsonl", "--max_steps", 9, "--log_every", 3]  # no eval inside the timing
         else:
-            extra = ["--data", f"{d}/prompts.jsonl", "--max_steps", 3, "--log_every", 1]
+            extra = ["--data", f"{d}/prompts.jsonl", "--max_steps", 4, "--log_every", 1]  # the first compiles
         tag = "tp_" + name.replace(" ", "_").replace(",", "").replace(".", "")
         out = os.path.join(OUT, "runs", tag)
         ok, seconds, error = script(algo, *settings, *extra, *common, "--output_dir", out, tag=tag, timeout=240)

@@ -156,6 +156,29 @@ def test_batched_left_padded_generation_matches_one_at_a_time(sft):
             assert n == comp.shape[1] and tok.eos_token_id not in row
 
 
+def test_static_cache_samples_what_the_dynamic_cache_samples(sft):
+    """--static_cache (on by default for one CUDA process): a fixed-size cache, each row prefilling its own copy of the
+    prompt, against the prompt prefilled once and its cache copied to the G rows: same seed, same samples. The sampling
+    function is one function, copied in every script that samples groups."""
+    import importlib
+    import inspect
+
+    from transformers import GenerationConfig
+    model, tok, prompts = sft
+    cfg = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=8, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+    samples = []
+    for static_len in (0, max(map(len, prompts)) + 8):  # 0: the dynamic cache; else exactly prompt + completion
+        torch.manual_seed(0)
+        samples.append(generate(model, prompts, 3, tok, cfg, torch.device("cpu"), static_len=static_len))
+    (comp, mask, ended), (comp_s, mask_s, ended_s) = samples
+    assert torch.equal(comp, comp_s) and torch.equal(mask, mask_s) and torch.equal(ended, ended_s)
+    assert len(set(map(tuple, comp.tolist()))) > 1  # sampled, not a constant
+    for name in ("rloo", "remax", "online_dpo", "rft"):
+        module = importlib.import_module(f"algos.{name}")
+        assert inspect.getsource(module.generate) == inspect.getsource(generate), name
+
+
 @pytest.mark.parametrize("share_prompt", [True, False])
 def test_batched_logps_match_one_row_each(sft, share_prompt):
     """Sampled groups, laid out with the prompt shared by its group (4D mask) or one padded row each, against one

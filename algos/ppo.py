@@ -307,16 +307,14 @@ def main(args):
     def rollout(prompt_ids, cfg):
         """Left-padded prompts -> completions sampled with the KV cache: (ids_BL, attn_BL, P, mask_BT, has_eos_B);
         the completion mask holds every token up to and including the first EOS, never the padding after it.
-        --static_cache: a cache of max_len positions, with which transformers compiles the decode step on CUDA."""
+        --static_cache: a cache of max_len positions, with which transformers compiles the decode step on CUDA.
+        In the weights' fp32, as grpo.py's generate explains."""
         P = max(map(len, prompt_ids))
         x = torch.tensor([[pad] * (P - len(p)) + p for p in prompt_ids], device=device)
         lens = torch.tensor([len(p) for p in prompt_ids], device=device)
         attn = (torch.arange(P, device=device) >= P - lens[:, None]).long()
-        with dist.autocast(device):
-            static_kv = StaticCache(config=actor.config, max_cache_len=static_len) if static else None
-            cache = dist.cache_kwarg(actor, static_kv) if static else {}
-            out = actor.generate(input_ids=x, attention_mask=attn, generation_config=cfg, synced_gpus=world > 1,
-                                 **cache)
+        cache = dist.cache_kwarg(actor, StaticCache(config=actor.config, max_cache_len=static_len)) if static else {}
+        out = actor.generate(input_ids=x, attention_mask=attn, generation_config=cfg, synced_gpus=world > 1, **cache)
         is_eos = out[:, P:] == eos
         mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
         return out, torch.cat([attn, mask.long()], 1), P, mask, is_eos.any(1)

@@ -164,24 +164,24 @@ def generate(model, prompts, G, tok, gen_cfg, device, synced=False, static_len=0
     """Batched sampling with the KV cache: prompts left-padded, each prefilled once and its cache copied to its G rows.
     static_len > 0: a fixed-size cache of that many positions instead, with which transformers compiles the decode
     step on CUDA (CUDA graphs: one launch per token instead of one per kernel; the first call compiles); every row
-    then prefills its own copy of the prompt, a small cost beside the decode. Under bf16 autocast on CUDA, as the
-    log-prob forwards are, so the sampler is the policy that is scored.
+    then prefills its own copy of the prompt, a small cost beside the decode. Sampling runs in the weights' fp32: under
+    autocast the weights would be cast again at every token, and keys (fp32 after RoPE) and values (bf16) would
+    disagree in a fixed-size cache.
     -> completions comp_NC (N = B·G, a prompt's samples consecutive), mask_NC (the tokens up to and including the
     first EOS; padding after it excluded), ended_N (an EOS was produced)."""
     width = max(map(len, prompts))
     x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    with dist.autocast(device):
-        if static_len:
-            cache = StaticCache(config=model.config, max_cache_len=static_len)
-        else:
-            cache = DynamicCache(config=model.config)
-            prefix_pos = (attn[:, :-1].cumsum(-1) - 1).clamp(min=0)
-            model(input_ids=x[:, :-1], attention_mask=attn[:, :-1], position_ids=prefix_pos, use_cache=True,
-                  **dist.cache_kwarg(model, cache))
-            cache.batch_repeat_interleave(G)
-        out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0),
-                             generation_config=gen_cfg, synced_gpus=synced, **dist.cache_kwarg(model, cache))
+    if static_len:
+        cache = StaticCache(config=model.config, max_cache_len=static_len)
+    else:
+        cache = DynamicCache(config=model.config)
+        prefix_pos = (attn[:, :-1].cumsum(-1) - 1).clamp(min=0)
+        model(input_ids=x[:, :-1], attention_mask=attn[:, :-1], position_ids=prefix_pos, use_cache=True,
+              **dist.cache_kwarg(model, cache))
+        cache.batch_repeat_interleave(G)
+    out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0),
+                         generation_config=gen_cfg, synced_gpus=synced, **dist.cache_kwarg(model, cache))
     comp_NC, C = out[:, width:], out.shape[1] - width
     is_eos = comp_NC == tok.eos_token_id
     ended_N = is_eos.any(-1)

@@ -84,7 +84,8 @@ SHAPE = (dict(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden
 # Each throughput run: (name, script, its settings, optimizer steps, steps between logs, units per step)
 SFT_ROWS, SFT_LEN, N_STEPS = (2, 512, 6) if SMALL else (4, 4096, 12)
 PACKED = ["--max_len", SFT_LEN, "--batch_size", SFT_ROWS]
-GRPO = ["--batch_size", 2 if SMALL else 8, "--group_size", 8, "--max_new_tokens", 32 if SMALL else 256, "--max_len", 512]
+GRPO = ["--batch_size", 2 if SMALL else 8, "--group_size", 8, "--max_new_tokens", 32 if SMALL else 256,
+        "--max_len", 512]
 GRPO_ROWS = f"{2 if SMALL else 8} prompts x 8 completions"
 RUNS = [  # (name, script, its arguments, the settings as the table shows them), the headline runs first
     ("sft packed", "sft", PACKED, f"rows of {SFT_ROWS} x {SFT_LEN}"),

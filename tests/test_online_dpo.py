@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from util import fails_with_one_line, head, metrics, run
+from util import echo_probability, fails_with_one_line, head, metrics, run
 
 from algos import dpo, online_dpo
 from algos.online_dpo import make_pairs
@@ -109,14 +109,19 @@ def test_prompt_without_answer_names_file_and_line(base, tmp_path):
 
 # ---- learning ----
 
-def test_online_dpo_raises_held_out_accuracy(sft_run, tmp_path):
+def test_online_dpo_learns_to_drop_the_habit(sft_run, tok, tmp_path):
     """The defaults from the SFT model: pairs sampled from the policy and labelled by the verifier remove the SFT
-    habit of restating the first number (common/toy.py), which shows on the held-out problems."""
+    habit of restating the first number (common/toy.py): its teacher-forced probability on the held-out subtractions
+    recedes, and greedy accuracy holds (as asserted for GRPO in test_rl)."""
     run("online_dpo", "--model", sft_run, "--output_dir", tmp_path / "out", "--save_every", 0)
     m = metrics(tmp_path / "out")
     acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
     rew = [r["reward/mean"] for r in m if "reward/mean" in r]
-    print(f"online_dpo: held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}")
-    assert acc[-1] > acc[0]
+    echo = [echo_probability(path, tok) for path in (sft_run, tmp_path / "out")]
+    print(f"online_dpo: held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}, "
+          f"P(echo) on held-out subtraction {echo[0]:.3f} -> {echo[1]:.3f}")
+    # Under ATEN_CPU_CAPABILITY=default and avx2 held-out accuracy rose only +0.004 to +0.012 (seeds 0-2), too little
+    # to assert a rise; P(echo) fell to 0.74 of its start (default, seed 0).
+    assert echo[1] < 0.85 * echo[0] and acc[-1] > acc[0] - 0.05
     keys = ("loss", "grad_norm", "rewards/margin", "rewards/accuracy", "frac_kept", "reward/mean", "kl")
     assert all(k in m[-1] for k in keys)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from util import fails_with_one_line, head, metrics, run
+from util import echo_probability, fails_with_one_line, head, metrics, run
 
 from algos import rft
 from algos.rft import select_best
@@ -160,12 +160,18 @@ def test_resume_reaches_the_same_weights(sft_run, tmp_path):
     assert len(losses["full"]) == 1 and losses["full"] == losses["resumed"]
 
 
-def test_rft_raises_held_out_accuracy(sft_run, tmp_path):
+def test_rft_learns_to_drop_the_habit(sft_run, tok, tmp_path):
     """The defaults from the SFT model: the verifier keeps only correct completions, never the SFT habit of restating
-    the first number (common/toy.py), so held-out greedy accuracy rises over the SFT start."""
+    the first number (common/toy.py), so the habit's teacher-forced probability on the held-out subtractions recedes
+    and greedy accuracy holds (as asserted for GRPO in test_rl)."""
     run("rft", "--model", sft_run, "--output_dir", tmp_path / "out")
     m = metrics(tmp_path / "out")
     acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
     rew = [r["reward/mean"] for r in m if "reward/mean" in r]
-    print(f"rft: held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}")
-    assert acc[-1] > acc[0] and rew[-1] > rew[0]
+    echo = [echo_probability(path, tok) for path in (sft_run, tmp_path / "out")]
+    print(f"rft: held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}, "
+          f"P(echo) on held-out subtraction {echo[0]:.3f} -> {echo[1]:.3f}")
+    # Under ATEN_CPU_CAPABILITY=default and avx2 held-out accuracy rose +0.007 to +0.032 (seeds 0-2), and a round's
+    # sampled reward fell once (0.517 -> 0.510, default, seed 2): too little and too noisy to assert a rise. P(echo)
+    # fell to 0.33 of its start (default, seed 0).
+    assert echo[1] < 0.7 * echo[0] and acc[-1] > acc[0] - 0.05

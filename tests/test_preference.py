@@ -251,6 +251,7 @@ def test_learns_preferences_and_keeps_accuracy(method, sft_run, tmp_path):
         # Seed 0: orpo 0.844 -> 0.914 (margin 0.191 -> 0.188), simpo 0.844 -> 0.867 (margin 3.818 -> 3.849).
         assert pref1 >= pref0 - 0.04 and (pref1 > pref0 or ev[-1]["eval/margin"] > ev[0]["eval/margin"])
     else:  # implicit rewards start at 0 (a coin, 0.5) and must rank most held-out pairs right
-        # seed 0: dpo / ipo / kto 0.734 / 0.742 / 0.715 here; with the earlier embedded habit 0.715 / 0.711 / 0.664
-        # under ATEN_CPU_CAPABILITY=default: the threshold sits below the worst seen
-        assert pref1 >= 0.62
+        # seed 0: dpo / ipo / kto 0.734 / 0.742 / 0.715 here; over seeds 0-2 and ATEN_CPU_CAPABILITY default / avx2
+        # the worst seen was 0.645 / 0.664 / 0.668 (avx2, seed 0): the threshold sits below it by about 1.5 standard
+        # errors of a ranking over these 256 pairs
+        assert pref1 >= 0.6

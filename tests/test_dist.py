@@ -41,7 +41,8 @@ def test_grad_accum_does_not_change_the_loss(script, sft_run, tmp_path):
     run(script, "--output_dir", tmp_path / "a1", "--batch_size", 4, "--grad_accum", 1, *model, *FAST)
     run(script, "--output_dir", tmp_path / "a4", "--batch_size", 1, "--grad_accum", 4, *model, *FAST)
     a1, a4 = losses(tmp_path / "a1"), losses(tmp_path / "a4")
-    assert max(abs(a - b) for a, b in zip(a1, a4)) < 1e-5
+    # 1.2e-5 apart at worst (sft-padded under ATEN_CPU_CAPABILITY=default): summation order, float32 rounding
+    assert max(abs(a - b) for a, b in zip(a1, a4)) < 5e-5
     g1, g4 = ([m["grad_norm"] for m in metrics(tmp_path / d) if "grad_norm" in m] for d in ("a1", "a4"))
     assert len(g1) == 4 and all(abs(a - b) <= 1e-4 * a for a, b in zip(g1, g4))
 

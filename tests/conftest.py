@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -7,6 +8,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from util import ROOT, run  # noqa: E402
 
 sys.path.insert(0, ROOT)
+
+# torch.compile's on-disk caches do not key on ATEN_CPU_CAPABILITY: kernels generated for one CPU path and compiled
+# for another fail to build ("'at::vec' has not been declared"). Imitating another CPU gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    cache = os.path.join(tempfile.gettempdir(), f"torchinductor_{os.environ['ATEN_CPU_CAPABILITY']}")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
 
 
 @pytest.fixture(scope="session")

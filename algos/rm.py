@@ -38,10 +38,10 @@ class Args:
     max_len: int = 128  # pairs with a side longer than this are dropped (and counted)
     batch_size: int = 32  # pairs per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # peak learning rate (AdamW)
+    lr: float = 3e-4  # peak learning rate (AdamW); 1e-3 collapsed the last token's representation on some seeds
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
-    max_steps: int = 1000  # optimizer steps; 0: run --epochs over the data
+    max_steps: int = 3000  # optimizer steps (about 7 passes over the embedded pairs); 0: run --epochs over the data
     epochs: int = 1  # passes over the data when max_steps is 0
     warmup_ratio: float = 0.05  # fraction of steps of linear warmup before the cosine decay
     seed: int = 0  # seed of the data order and of every RNG

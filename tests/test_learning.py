@@ -29,11 +29,10 @@ def test_sft_learns_and_leaves_headroom(sft_run, tok):
 def test_rm_ranks_held_out_pairs(rm_run):
     acc = [m["eval/accuracy"] for m in metrics(rm_run) if "eval/accuracy" in m]
     print(f"rm held-out pairwise accuracy: {acc[0]:.3f} -> {acc[-1]:.3f}")
-    # Chance is 0.5. The target is 0.75; measured 0.664 with this machine's kernels, 0.566 under
-    # ATEN_CPU_CAPABILITY=default: a 2-layer model's last-token head recovers less than the ranking the SFT model's
-    # own log-probs give, in 1000 steps. The threshold sits below the worst seen.
-    # On the recalibrated task: 0.566 / 0.461 / 0.508 -> 0.625 / 0.699 / 0.590 over seeds 0-2, and 0.625 -> 0.723
-    # for seed 0 under ATEN_CPU_CAPABILITY=avx2 (the untrained head already ranks above chance there).
-    assert acc[-1] > acc[0] and acc[-1] >= 0.53
+    # Chance is 0.5. Over seeds 0-2 x the kernel paths (this machine's avx512, ATEN_CPU_CAPABILITY=avx2 and default),
+    # each from that run's SFT model: 0.766 ± 0.051, min 0.695 (avx2, seed 1), max 0.844. The earlier recipe (lr 1e-3,
+    # 1000 steps) ranked 0.465 there: its scores tied exactly on half the pairs (the last token's representation
+    # collapsed). The threshold sits below the worst seen.
+    assert acc[-1] > acc[0] and acc[-1] >= 0.65
     from transformers import AutoModelForSequenceClassification
     assert AutoModelForSequenceClassification.from_pretrained(rm_run).config.num_labels == 1

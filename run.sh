@@ -35,38 +35,70 @@ algo() {
 RUNS=(sft rm dpo ipo kto orpo simpo grpo rloo remax ppo ppo_verifier online_dpo rft sft_large
       distill_seqkd distill_forward_kl distill_reverse_kl distill_on_policy sft_add sft_sub merge_wiseft merge_ties)
 
+# Runs in parallel lanes: the default model is tiny, so one thread per process trains as fast as several, and the
+# lanes use the machine's cores instead. Each run's output goes to <output_dir>.log; a line reports its end.
+step() {  # step NAME LOGFILE ALGO ARGS...: one run, its output in LOGFILE
+  local name=$1 log=$2 t=$SECONDS; shift 2
+  if algo "$@" > "$log" 2>&1; then
+    echo "$(date +%H:%M:%S) $name done in $((SECONDS - t)) s"
+  else
+    echo "$(date +%H:%M:%S) $name FAILED, see $log" >&2; return 1
+  fi
+}
+
+lanes() {  # lanes FN...: each function in a process of its own; fails if any failed
+  local pids=() failed=0
+  for fn in "$@"; do "$fn" & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p" || failed=1; done
+  return $failed
+}
+
 pipeline() {  # pipeline ROOT SEED: every method on the embedded default, outputs in ROOT/<run>
-  local r=$1 seed=(--seed "$2")
-  algo sft "${seed[@]}" --output_dir "$r/sft"                 # base -> SFT (the start of everything below)
-  algo rm "${seed[@]}" --model "$r/sft" --output_dir "$r/rm"  # Bradley-Terry reward model (PPO's reward)
-  for a in dpo ipo kto orpo simpo; do                         # offline preference methods, from SFT
-    algo "$a" "${seed[@]}" --model "$r/sft" --output_dir "$r/$a"
-  done
-  for a in grpo rloo remax online_dpo rft; do                 # online methods on the verifier, from SFT
-    algo "$a" "${seed[@]}" --model "$r/sft" --output_dir "$r/$a"
-  done
-  algo ppo "${seed[@]}" --model "$r/sft" --reward_model "$r/rm" --output_dir "$r/ppo"   # RLHF: the learned reward
-  algo ppo "${seed[@]}" --model "$r/sft" --reward verifier --output_dir "$r/ppo_verifier"
-  # distillation teacher: the larger base, SFT on curated data
-  $PY -c "from common import toy; toy.ensure('base_large')"
+  r=$1 seed=(--seed "$2")
+  export OMP_NUM_THREADS=1
+  mkdir -p "$r"
   # (a script given its own --data evaluates only on an --eval_data it is given: here the embedded held-out set)
-  local held_out=(--eval_data runs/toy/data/eval.jsonl)
-  algo sft "${seed[@]}" --model runs/toy/base_large --data runs/toy/data/sft_curated.jsonl --max_steps 1000 \
-    "${held_out[@]}" --output_dir "$r/sft_large"
+  held_out=(--eval_data runs/toy/data/eval.jsonl)
+  $PY -c "from common import toy; toy.ensure('data'); toy.ensure('base'); toy.ensure('base_large')"
+  step sft "$r/sft.log" sft "${seed[@]}" --output_dir "$r/sft"   # base -> SFT (the start of everything below)
+  lanes lane_preferences lane_online lane_distill
+  # WiSE-FT of grpo (a lane above) and TIES of the two specialists
+  step merge_wiseft "$r/merge_wiseft.log" merge --sweep --base "$r/sft" --models "$r/grpo" --output_dir "$r/merge_wiseft"
+  step merge_ties "$r/merge_ties.log" merge --method ties --scale 0.5 --base "$r/sft" \
+    --models "$r/sft_add" "$r/sft_sub" --output_dir "$r/merge_ties"
+}
+
+lane_preferences() {  # the reward model and PPO on it; offline preference methods; the two merge specialists
+  from_sft() { step "$1" "$r/$1.log" "$1" "${seed[@]}" --model "$r/sft" --output_dir "$r/$1" "${@:2}"; }
+  from_sft rm                                                # Bradley-Terry reward model (PPO's reward)
+  from_sft ppo --reward_model "$r/rm"                        # RLHF: PPO on the learned reward
+  for a in dpo ipo kto orpo simpo; do from_sft "$a"; done    # offline preference methods, from SFT
+  for op in add sub; do                                      # specialists on one operation each (curated data)
+    step "sft_$op" "$r/sft_$op.log" sft "${seed[@]}" --model "$r/sft" --data "runs/toy/data/sft_$op.jsonl" \
+      --lr 1e-3 --max_steps 300 "${held_out[@]}" --output_dir "$r/sft_$op"
+  done
+}
+
+lane_online() {  # online methods on the verifier, from SFT
+  for a in grpo rloo remax online_dpo rft; do
+    step "$a" "$r/$a.log" "$a" "${seed[@]}" --model "$r/sft" --output_dir "$r/$a"
+  done
+  step ppo_verifier "$r/ppo_verifier.log" ppo "${seed[@]}" --model "$r/sft" --reward verifier \
+    --output_dir "$r/ppo_verifier"
+}
+
+lane_distill() {  # the teacher (the larger base, SFT on curated data), then each distillation mode
+  step sft_large "$r/sft_large.log" sft "${seed[@]}" --model runs/toy/base_large \
+    --data runs/toy/data/sft_curated.jsonl --max_steps 1000 "${held_out[@]}" --output_dir "$r/sft_large"
   for m in seqkd forward_kl reverse_kl on_policy; do
-    algo distill "${seed[@]}" --mode "$m" --model "$r/sft" --teacher "$r/sft_large" --output_dir "$r/distill_$m"
+    step "distill_$m" "$r/distill_$m.log" distill "${seed[@]}" --mode "$m" --model "$r/sft" \
+      --teacher "$r/sft_large" --output_dir "$r/distill_$m"
   done
-  # two specialists fine-tuned from SFT on the two operations (curated data), then merged by task vectors
-  for op in add sub; do
-    algo sft "${seed[@]}" --model "$r/sft" --data "runs/toy/data/sft_$op.jsonl" --lr 1e-3 --max_steps 300 \
-      "${held_out[@]}" --output_dir "$r/sft_$op"
-  done
-  algo merge --sweep --base "$r/sft" --models "$r/grpo" --output_dir "$r/merge_wiseft"
-  algo merge --method ties --scale 0.5 --base "$r/sft" --models "$r/sft_add" "$r/sft_sub" --output_dir "$r/merge_ties"
 }
 
 case "${1:-}" in
-  test) shift; setup; $PY -m pytest tests "$@" ;;
+  # two workers (pytest-xdist), one thread each (tests/conftest.py); -n 0 after it runs in one process, as -s needs
+  test) shift; setup; $PY -m pytest -n 2 tests "$@" ;;
   bench)
     shift; setup
     # The peer, Hugging Face TRL, in an environment of its own (never needed by the project itself).
@@ -82,14 +114,23 @@ case "${1:-}" in
     # plotted as gold accuracy and reward against KL to the reference (runs/study_kl.png, runs/study_kl/study_kl.md)
     shift; setup
     [ "${1:-}" = kl ] || { echo "error: unknown study '${1:-}' (available: kl)" >&2; exit 2; }
-    [ -f runs/sft/config.json ] || algo sft
-    [ -f runs/rm/config.json ] || algo rm
-    for beta in ${GRPO_BETAS:-0.001 0.01 0.04 0.2}; do
-      algo grpo --beta "$beta" --eval_every 25 --output_dir "runs/study_kl/grpo_beta$beta"
-    done
-    for beta in ${PPO_BETAS:-0.01 0.05 0.2 0.5}; do
-      algo ppo --beta "$beta" --eval_every 10 --output_dir "runs/study_kl/ppo_beta$beta"
-    done
+    export OMP_NUM_THREADS=1
+    [ -f runs/sft/config.json ] || step sft runs/sft.log sft
+    [ -f runs/rm/config.json ] || step rm runs/rm.log rm
+    mkdir -p runs/study_kl
+    study_grpo() {
+      for beta in ${GRPO_BETAS:-0.001 0.01 0.04 0.2}; do
+        step "grpo β=$beta" "runs/study_kl/grpo_beta$beta.log" grpo --beta "$beta" --eval_every 25 \
+          --output_dir "runs/study_kl/grpo_beta$beta"
+      done
+    }
+    study_ppo() {
+      for beta in ${PPO_BETAS:-0.01 0.05 0.2 0.5}; do
+        step "ppo β=$beta" "runs/study_kl/ppo_beta$beta.log" ppo --beta "$beta" --eval_every 10 \
+          --output_dir "runs/study_kl/ppo_beta$beta"
+      done
+    }
+    lanes study_grpo study_ppo
     $PY -m common.report --study_kl runs/study_kl ;;
   gpu)
     # A GPU machine usually brings its own torch and transformers: use them unless .venv exists.

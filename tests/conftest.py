@@ -1,13 +1,17 @@
-import fcntl
 import os
+import pathlib
+import shutil
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from util import ROOT, run  # noqa: E402
+from util import ROOT, command, run  # noqa: E402
 
 sys.path.insert(0, ROOT)
 
@@ -25,22 +29,57 @@ os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 
-def once(tmp_path_factory, name, build):
-    """A directory built by build(path) once per test session: under pytest-xdist the workers share it (the first
-    builds it under a lock, the others wait and reuse it), so a slow fixture is not trained once per worker."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        path = tmp_path_factory.mktemp(name)
-        build(path)
-        return path
-    shared = tmp_path_factory.getbasetemp().parent  # the same directory for every worker of this session
-    path, done = shared / name, shared / f"{name}.done"
-    with open(shared / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            path.mkdir(exist_ok=True)
-            build(path)
-            done.touch()
-    return path
+# The two slow session fixtures: sft with its defaults, and rm with its defaults on top of it.
+SLOW = {"sft": [], "rm": ["--model", "{dir}/sft"]}
+prebuild, stopping = [], threading.Event()  # the controller's running build, stopped at the end of the session
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (-n 2), the controller, idle otherwise, trains the slow fixtures in the background as the
+    session starts, so no worker waits for them while tests that need neither could run. The workers, started
+    after this hook, inherit SUITE_FIXTURES and wait for the outputs there."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not config.getoption("numprocesses", default=None):
+        return
+    os.environ["SUITE_FIXTURES"] = shared = tempfile.mkdtemp(prefix="suite-fixtures-")
+
+    def build():
+        for name, args in SLOW.items():
+            out = os.path.join(shared, name)
+            if stopping.is_set():
+                return
+            with open(f"{out}.log", "w") as log:
+                prebuild[:] = [subprocess.Popen(command(name, *[a.format(dir=shared) for a in args], "--output_dir",
+                                                        out, "--save_every", 0), cwd=ROOT, stdout=log, stderr=log)]
+                status = prebuild[0].wait()
+            open(f"{out}.done" if status == 0 else f"{out}.failed", "w").close()
+            if status:
+                return
+
+    threading.Thread(target=build, daemon=True).start()
+
+
+def pytest_unconfigure(config):
+    if prebuild and os.environ.get("SUITE_FIXTURES") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        stopping.set()
+        prebuild[0].kill()  # a session that needed neither fixture ends before they are built
+        prebuild[0].wait()
+        shutil.rmtree(os.environ["SUITE_FIXTURES"], ignore_errors=True)
+
+
+def slow_fixture(tmp_path_factory, name, *extra):
+    """The output directory of one of SLOW's runs: the controller's, waited for, under pytest-xdist; else run here."""
+    shared = os.environ.get("SUITE_FIXTURES")
+    if not shared:
+        out = tmp_path_factory.mktemp(name)
+        run(name, *extra, "--output_dir", out, "--save_every", 0)
+        return out
+    out, needed = os.path.join(shared, name), list(SLOW)[:list(SLOW).index(name) + 1]  # rm needs sft
+    while not os.path.exists(f"{out}.done"):
+        for failed in (n for n in needed if os.path.exists(os.path.join(shared, f"{n}.failed"))):
+            with open(os.path.join(shared, f"{failed}.log")) as log:
+                raise AssertionError(f"{failed} failed:\n{log.read()[-4000:]}")
+        time.sleep(1)
+    return pathlib.Path(out)
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +104,10 @@ def model(base):
 @pytest.fixture(scope="session")
 def sft_run(base, tmp_path_factory):
     """algos/sft.py with its defaults, once per session (also the starting point of rm)."""
-    return once(tmp_path_factory, "sft", lambda out: run("sft", "--output_dir", out, "--save_every", 0))
+    return slow_fixture(tmp_path_factory, "sft")
 
 
 @pytest.fixture(scope="session")
 def rm_run(sft_run, tmp_path_factory):
     """algos/rm.py with its defaults on top of sft_run, once per session (the reward model of PPO)."""
-    return once(tmp_path_factory, "rm", lambda out: run("rm", "--model", sft_run, "--output_dir", out, "--save_every", 0))
+    return slow_fixture(tmp_path_factory, "rm", "--model", sft_run)

@@ -1,8 +1,8 @@
 """Chunked log-probabilities (ChunkedLogps): the same values and gradients as the model's full logits, less memory.
 
 `python tests/test_chunked.py CHUNK` prints the peak memory of one forward and backward of the summed label
-log-probabilities on the embedded 'large' model with a 32768-token output embedding (the size of a real tokenizer's;
-the embedded one has 100 tokens, whose logits cost nothing).
+log-probabilities on the embedded 'large' shape (random weights: memory does not depend on them) with a 32768-token
+output embedding (the size of a real tokenizer's; the embedded one has 100 tokens, whose logits cost nothing).
 """
 import inspect
 import json
@@ -139,14 +139,12 @@ def test_chunked_uses_less_memory(base):
 def measure(chunk):
     import resource
 
-    from transformers import AutoModelForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from common import toy
-    model = AutoModelForCausalLM.from_pretrained(toy.ensure("base_large"), dtype=torch.float32)
-    model.resize_token_embeddings(32768, mean_resizing=False)
     torch.manual_seed(0)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0.0, 0.02)  # tied: the output embedding too
+    cfg = LlamaConfig(vocab_size=32768, max_position_embeddings=1024, tie_word_embeddings=True, **toy.SIZES["large"])
+    model = LlamaForCausalLM(cfg)  # fp32, the output embedding tied to the input one
     ids = torch.randint(0, 32768, (4, 1024))
     logps = sft.label_logps(model, {"input_ids": ids}, ids, chunk * 32768)
     loss = -logps.mean()

@@ -8,8 +8,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def run(script, *args, nproc=1, check=True):
-    """python algos/<script>.py args (or torchrun with nproc processes) from the repository root.
+def command(script, *args, nproc=1):
+    """The command line of algos/<script>.py args (under torchrun with nproc processes).
     TEST_SEED=N in the environment adds --seed N where a test sets none: how the learning tests' spread over seeds
     is measured (with ATEN_CPU_CAPABILITY=default|avx2|avx512 for the CPU kernel paths)."""
     launch = [sys.executable]
@@ -18,7 +18,12 @@ def run(script, *args, nproc=1, check=True):
     args = [str(a) for a in args]
     if os.environ.get("TEST_SEED") and "--seed" not in args:
         args += ["--seed", os.environ["TEST_SEED"]]
-    p = subprocess.run(launch + [f"algos/{script}.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=2400)
+    return launch + [f"algos/{script}.py", *args]
+
+
+def run(script, *args, nproc=1, check=True):
+    """Runs command(script, *args, nproc) from the repository root, as a user would."""
+    p = subprocess.run(command(script, *args, nproc=nproc), cwd=ROOT, capture_output=True, text=True, timeout=2400)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stderr[-4000:]}")
     return p

@@ -38,7 +38,11 @@ def pytest_configure(config):
     """Under pytest-xdist (-n 2), the controller, idle otherwise, trains the slow fixtures in the background as the
     session starts, so no worker waits for them while tests that need neither could run. The workers, started
     after this hook, inherit SUITE_FIXTURES and wait for the outputs there."""
-    if os.environ.get("PYTEST_XDIST_WORKER") or not config.getoption("numprocesses", default=None):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        if os.environ.get("SUITE_FIXTURES"):
+            os.nice(5)  # the fixtures' build, which every later test waits for, goes first on a busy CPU
+        return
+    if not config.getoption("numprocesses", default=None):
         return
     os.environ["SUITE_FIXTURES"] = shared = tempfile.mkdtemp(prefix="suite-fixtures-")
 
@@ -56,6 +60,12 @@ def pytest_configure(config):
                 return
 
     threading.Thread(target=build, daemon=True).start()
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need neither slow fixture first, then those that need sft, then those that need rm: the workers
+    take tests in this order, so they rarely wait for a fixture still being built."""
+    items.sort(key=lambda item: 2 if "rm_run" in item.fixturenames else "sft_run" in item.fixturenames)
 
 
 def pytest_unconfigure(config):

@@ -119,7 +119,7 @@ case "${1:-}" in
     [ -f runs/rm/config.json ] || step rm runs/rm.log rm
     mkdir -p runs/study_kl
     study_grpo() {
-      for beta in ${GRPO_BETAS:-0.001 0.01 0.04 0.2}; do
+      for beta in ${GRPO_BETAS:-0.001 0.01 0.04 0.2 1}; do
         step "grpo β=$beta" "runs/study_kl/grpo_beta$beta.log" grpo --beta "$beta" --eval_every 25 \
           --output_dir "runs/study_kl/grpo_beta$beta"
       done

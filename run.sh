@@ -63,7 +63,8 @@ pipeline() {  # pipeline ROOT SEED: every method on the embedded default, output
   step sft "$r/sft.log" sft "${seed[@]}" --output_dir "$r/sft"   # base -> SFT (the start of everything below)
   lanes lane_preferences lane_online lane_distill
   # WiSE-FT of grpo (a lane above) and TIES of the two specialists
-  step merge_wiseft "$r/merge_wiseft.log" merge --sweep --base "$r/sft" --models "$r/grpo" --output_dir "$r/merge_wiseft"
+  step merge_wiseft "$r/merge_wiseft.log" merge --sweep --base "$r/sft" --models "$r/grpo" \
+    --output_dir "$r/merge_wiseft"
   step merge_ties "$r/merge_ties.log" merge --method ties --scale 0.5 --base "$r/sft" \
     --models "$r/sft_add" "$r/sft_sub" --output_dir "$r/merge_ties"
 }

@@ -97,6 +97,15 @@ def trl(model_dir, data, packing):
                       "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
+def trl_side(script, *args):
+    """Runs `script --trl args` in the TRL environment: (the JSON it printed last, None) if it succeeded, else
+    (None, the last line of its stderr)."""
+    p = subprocess.run([TRL_PY, script, "--trl", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode == 0:
+        return json.loads(p.stdout.strip().splitlines()[-1]), None
+    return None, p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit status {p.returncode}"
+
+
 def main():
     model_dir, data = make_inputs()
     import torch
@@ -112,14 +121,9 @@ def main():
         results[name] = tps
         line = f"  ours {name:6s}: {tps:8.0f} real tokens/s  peak {mem:.2f} GB  MFU {6 * params * tps / peak:.1%}"
         if os.path.exists(TRL_PY):
-            cmd = [TRL_PY, __file__, "--trl", model_dir, data, str(packing)]
-            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if p.returncode == 0:
-                r = json.loads(p.stdout.strip().splitlines()[-1])
-                line += (f" | TRL {r['tokens_per_s']:8.0f} tokens/s  peak {r['peak_mem_gb']:.2f} GB"
-                         f" | ours/TRL {tps / r['tokens_per_s']:.2f}x")
-            else:
-                line += f" | TRL failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"
+            r, err = trl_side(__file__, model_dir, data, packing)
+            line += (f" | TRL failed: {err}" if err else f" | TRL {r['tokens_per_s']:8.0f} tokens/s  peak "
+                     f"{r['peak_mem_gb']:.2f} GB | ours/TRL {tps / r['tokens_per_s']:.2f}x")
         print(line, flush=True)
     print(f"  packing / padding: {results['packed'] / results['padded']:.2f}x")
 

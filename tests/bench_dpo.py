@@ -21,7 +21,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import OUT, ROOT, TRL_PY, make_inputs  # noqa: E402
+from bench import OUT, ROOT, TRL_PY, make_inputs, trl_side  # noqa: E402
 
 BATCH, STEPS, WARMUP, MAX_LEN, LR, BETA, N_PAIRS = 16, 40, 10, 128, 1e-4, 0.1, 2000
 
@@ -123,17 +123,11 @@ def main():
     print(f"DPO benchmark: 3.2M-param Llama, {BATCH} pairs a step, steps {WARMUP}..{STEPS} timed, "
           f"{torch.get_num_threads()} threads", flush=True)
     # One run at a time: each has the whole machine, as a user's training run would.
-    trl_run = subprocess.Popen([TRL_PY, __file__, "--trl", model_dir, pairs], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) if os.path.exists(TRL_PY) else None
     r = None
-    if trl_run:  # TRL's defaults include gradient checkpointing
-        out, err = trl_run.communicate()
-        if trl_run.returncode == 0:
-            r = json.loads(out.strip().splitlines()[-1])
-            print(f"  {'TRL DPOTrainer (defaults)':32s}: {r['pairs_per_s']:6.1f} pairs/s "
-                  f"{r['pairs_per_cpu_s']:6.1f} pairs/CPU-s  peak {r['peak_mem_gb']:.2f} GB", flush=True)
-        else:
-            print(f"  TRL failed: {err.strip().splitlines()[-1] if err.strip() else trl_run.returncode}", flush=True)
+    if os.path.exists(TRL_PY):  # TRL's defaults include gradient checkpointing
+        r, err = trl_side(__file__, model_dir, pairs)
+        print(f"  TRL failed: {err}" if err else f"  {'TRL DPOTrainer (defaults)':32s}: {r['pairs_per_s']:6.1f} "
+              f"pairs/s {r['pairs_per_cpu_s']:6.1f} pairs/CPU-s  peak {r['peak_mem_gb']:.2f} GB", flush=True)
     for ckpt in (False, True):
         pps, ppc, mem = ours(model_dir, pairs, tiny, ckpt)()
         name = " --gradient_checkpointing" if ckpt else " (defaults)"

@@ -12,7 +12,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import OUT, ROOT, TRL_PY, make_inputs  # noqa: E402
+from bench import OUT, ROOT, TRL_PY, make_inputs, trl_side  # noqa: E402
 
 # 64 completions of at most 8 tokens a step
 PROMPTS, G, MAX_NEW, BETA, LR, STEPS, WARMUP = 8, 8, 8, 0.04, 1e-5, 30, 5
@@ -77,17 +77,14 @@ def main():
           f"{torch.get_num_threads()} threads")
     s, mem = ours(model_dir)
     if os.path.exists(TRL_PY):
-        p = subprocess.run([TRL_PY, __file__, "--trl", model_dir], cwd=ROOT, capture_output=True, text=True)
+        r, err = trl_side(__file__, model_dir)
         # ours before and after TRL: a load that changes during the run hits both sides alike
         s = (s + ours(model_dir)[0]) / 2
     line = f"  ours: {s:6.3f} s/step  {n / s:7.1f} completions/s  peak {mem:.2f} GB"
     if os.path.exists(TRL_PY):
-        if p.returncode == 0:
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            line += (f" | TRL {r['s_per_step']:6.3f} s/step  {n / r['s_per_step']:7.1f} completions/s"
-                     f"  peak {r['peak_mem_gb']:.2f} GB | ours/TRL {r['s_per_step'] / s:.2f}x")
-        else:
-            line += f" | TRL failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"
+        line += (f" | TRL failed: {err}" if err else f" | TRL {r['s_per_step']:6.3f} s/step  "
+                 f"{n / r['s_per_step']:7.1f} completions/s  peak {r['peak_mem_gb']:.2f} GB | ours/TRL "
+                 f"{r['s_per_step'] / s:.2f}x")
     print(line, flush=True)
 
 

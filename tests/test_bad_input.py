@@ -85,6 +85,27 @@ def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, 
     assert not (tmp_path / "out").exists()
 
 
+# Each script's own sizes and files, from the embedded base model (the shared checks are sft's, above).
+OWN = [
+    ("online_dpo", ["--batch_size", "0"], "error: --batch_size must be positive, got 0", 2),
+    ("online_dpo", ["--max_new_tokens", "0"], "error: --max_new_tokens must be positive, got 0", 2),
+    ("online_dpo", ["--data", "nowhere.jsonl"], "error: nowhere.jsonl: no such file", 1),
+    ("rft", ["--num_samples", "0"], "error: --num_samples must be positive, got 0", 2),
+    ("rft", ["--rounds", "0"], "error: --rounds must be positive, got 0", 2),
+    ("rft", ["--keep_per_prompt", "0"], "error: --keep_per_prompt must be positive, got 0", 1),
+    ("rft", ["--steps_per_round", "-1"], "error: --steps_per_round must be non-negative, got -1", 1),
+    ("rft", ["--prompts_per_round", "100"],
+     "error: --prompts_per_round must be a multiple of gen_batch_size x processes", 1),
+]
+
+
+@pytest.mark.parametrize("script,args,expected,status", OWN, ids=[f"{c[0]} {' '.join(c[1])}" for c in OWN])
+def test_each_scripts_own_bad_arguments(script, args, expected, status, base, tmp_path):
+    p = run(script, "--model", base, *args, "--output_dir", tmp_path / "out", check=False)
+    fails_with_one_line(p, status, expected)
+    assert not (tmp_path / "out").exists()
+
+
 def test_invalid_utf8_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "caf\xe9", "completion": "x"}\n')

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from util import echo_probability, fails_with_one_line, head, metrics, run
+from util import habit_outcome, head, metrics, run
 
 from algos import dpo, online_dpo
 from algos.online_dpo import make_pairs
@@ -85,18 +85,7 @@ def test_two_processes_give_the_same_loss(sft_run, tmp_path):
     assert any(m["loss"] > 1e-3 for m in one)  # the comparison is not of zeros
 
 
-# ---- bad input ----
-
-@pytest.mark.parametrize("args,expected,status", [
-    (["--batch_size", "0"], "error: --batch_size must be positive, got 0", 2),
-    (["--max_new_tokens", "0"], "error: --max_new_tokens must be positive, got 0", 2),
-    (["--data", "nowhere.jsonl"], "error: nowhere.jsonl: no such file", 1),
-])
-def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, base, tmp_path):
-    p = run("online_dpo", "--model", base, *args, "--output_dir", tmp_path / "out", check=False)
-    fails_with_one_line(p, status, expected)
-    assert not (tmp_path / "out").exists()
-
+# ---- bad input (the argument checks are in test_bad_input.py) ----
 
 def test_prompt_without_answer_names_file_and_line(base, tmp_path):
     path = tmp_path / "prompts.jsonl"
@@ -114,12 +103,7 @@ def test_online_dpo_learns_to_drop_the_habit(sft_run, tok, tmp_path):
     habit of restating the first number (common/toy.py): its teacher-forced probability on the held-out subtractions
     recedes, and greedy accuracy holds (as asserted for GRPO in test_rl)."""
     run("online_dpo", "--model", sft_run, "--output_dir", tmp_path / "out", "--save_every", 0)
-    m = metrics(tmp_path / "out")
-    acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
-    rew = [r["reward/mean"] for r in m if "reward/mean" in r]
-    echo = [echo_probability(path, tok) for path in (sft_run, tmp_path / "out")]
-    print(f"online_dpo: held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}, "
-          f"P(echo) on held-out subtraction {echo[0]:.3f} -> {echo[1]:.3f}")
+    acc, echo = habit_outcome("online_dpo", sft_run, tmp_path / "out", tok)
     # Under ATEN_CPU_CAPABILITY=default and avx2 held-out accuracy rose only +0.004 to +0.012 (seeds 0-2), too little
     # to assert a rise; P(echo) fell to 0.74 of its start (default, seed 0).
     assert echo[1] < 0.85 * echo[0] and acc[-1] > acc[0] - 0.05

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from util import echo_probability, fails_with_one_line, head, metrics, run
+from util import habit_outcome, head, metrics, run
 
 from algos import rft
 from algos.rft import select_best
@@ -82,19 +82,6 @@ def test_reward_model_scores_match_one_row_each(sft_run):
     assert torch.allclose(scores, torch.stack(alone), atol=1e-5)
 
 
-@pytest.mark.parametrize("args,expected,status", [
-    (["--num_samples", "0"], "error: --num_samples must be positive, got 0", 2),
-    (["--rounds", "0"], "error: --rounds must be positive, got 0", 2),
-    (["--keep_per_prompt", "0"], "error: --keep_per_prompt must be positive, got 0", 1),
-    (["--steps_per_round", "-1"], "error: --steps_per_round must be non-negative, got -1", 1),
-    (["--prompts_per_round", "100"], "error: --prompts_per_round must be a multiple of gen_batch_size x processes", 1),
-])
-def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, base, tmp_path):
-    p = run("rft", "--model", base, *args, "--output_dir", tmp_path / "out", check=False)
-    fails_with_one_line(p, status, expected)
-    assert not (tmp_path / "out").exists()
-
-
 def test_prompt_without_answer_names_file_line_and_field(base, tmp_path):
     path = tmp_path / "rl.jsonl"
     recs = [{"prompt": "What is 1+1?", "answer": "2"}, {"prompt": "What is 2+2?"}]
@@ -165,12 +152,7 @@ def test_rft_learns_to_drop_the_habit(sft_run, tok, tmp_path):
     the first number (common/toy.py), so the habit's teacher-forced probability on the held-out subtractions recedes
     and greedy accuracy holds (as asserted for GRPO in test_rl)."""
     run("rft", "--model", sft_run, "--output_dir", tmp_path / "out")
-    m = metrics(tmp_path / "out")
-    acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
-    rew = [r["reward/mean"] for r in m if "reward/mean" in r]
-    echo = [echo_probability(path, tok) for path in (sft_run, tmp_path / "out")]
-    print(f"rft: held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}, "
-          f"P(echo) on held-out subtraction {echo[0]:.3f} -> {echo[1]:.3f}")
+    acc, echo = habit_outcome("rft", sft_run, tmp_path / "out", tok)
     # Under ATEN_CPU_CAPABILITY=default and avx2 held-out accuracy rose +0.007 to +0.032 (seeds 0-2), and a round's
     # sampled reward fell once (0.517 -> 0.510, default, seed 2): too little and too noisy to assert a rise. P(echo)
     # fell to 0.33 of its start (default, seed 0).

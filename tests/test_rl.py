@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from util import echo_probability, head, metrics, run
+from util import habit_outcome, head, metrics, run
 
 from algos.grpo import (aggregate, clipped_surrogate, completion_logps, generate, group_rows, grpo_advantages,
                         kl_estimate)
@@ -235,14 +235,9 @@ def test_raises_held_out_accuracy(algo, sft_run, tok, tmp_path):
     number on subtractions (common/toy.py); the verifier never rewards it, so its probability on held-out subtractions,
     problems never trained on, must fall, while greedy accuracy holds (it rises on this machine's kernels)."""
     run(algo, "--model", sft_run, "--output_dir", tmp_path / "out", "--max_steps", 40, "--log_every", 5,
-        "--eval_every", 0,
-        "--save_every", 0)
+        "--eval_every", 0, "--save_every", 0)
+    acc, echo = habit_outcome(algo, sft_run, tmp_path / "out", tok)
     m = metrics(tmp_path / "out")
-    acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
-    rew = [r["reward/mean"] for r in m if "reward/mean" in r]
-    echo = [echo_probability(path, tok) for path in (sft_run, tmp_path / "out")]
-    print(f"{algo}: held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}, "
-          f"P(echo) on held-out subtraction {echo[0]:.3f} -> {echo[1]:.3f}")
     # Over seeds 0-2 x the kernel paths (this machine's avx512, ATEN_CPU_CAPABILITY=avx2 and default), each from that
     # run's SFT model, at 40 steps: P(echo) fell to 0.22-0.81 of its start (worst: remax, avx2 seed 2; at 25 steps it
     # was 0.84 there), greedy accuracy changed by -0.032 (grpo, default seed 0) to +0.180. Longer budgets trade one

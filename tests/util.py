@@ -79,3 +79,16 @@ def echo_probability(path, tok):
             logps = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
         probs.append(logps.gather(-1, torch.tensor(completion)[:, None]).sum().exp().item())
     return sum(probs) / len(probs)
+
+
+def habit_outcome(name, start, out, tok):
+    """What a run meant to shed the SFT habit did: its held-out accuracy at each evaluation and P(echo) of the start
+    and trained models. Printed with the sampled reward (first and last logged), the record the thresholds were
+    calibrated on (-s shows it)."""
+    m = metrics(out)
+    acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
+    rew = [r["reward/mean"] for r in m if "reward/mean" in r]
+    echo = [echo_probability(path, tok) for path in (start, out)]
+    print(f"{name}: held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}, sampled reward {rew[0]:.3f} -> {rew[-1]:.3f}, "
+          f"P(echo) on held-out subtraction {echo[0]:.3f} -> {echo[1]:.3f}")
+    return acc, echo

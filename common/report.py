@@ -89,9 +89,11 @@ def table(names, summaries, n_seeds):
         lines.append("| " + " | ".join(cells) + " |")
     seeds = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"
     legend = (f"held-out acc: greedy exact match on the 256 held-out problems ({seeds}); for rm: held-out pairwise "
-              "accuracy. gain: end - start, per seed. KL end: the last logged per-token KL to the reference\n"
-              "(to the teacher for distill). time: wall seconds; tokens: tokens processed, Σ tokens/s x interval; "
-              "peak mem: the largest logged.\n")
+              "accuracy. gain: end - start, per seed.\n"
+              "KL end: the last logged per-token KL to the reference (to the teacher for distill; kto: its "
+              "reference point z0, per sequence, clamped at 0);\n'-' where none is logged: sft and the offline "
+              "methods sample nothing from the policy to estimate it on.\n"
+              "time: wall seconds; tokens: tokens processed, Σ tokens/s x interval; peak mem: the largest logged.\n")
     return "\n".join(lines) + "\n\n" + legend
 
 

@@ -104,8 +104,9 @@ def test_online_dpo_learns_to_drop_the_habit(sft_run, tok, tmp_path):
     recedes, and greedy accuracy holds (as asserted for GRPO in test_rl)."""
     run("online_dpo", "--model", sft_run, "--output_dir", tmp_path / "out", "--save_every", 0)
     acc, echo = habit_outcome("online_dpo", sft_run, tmp_path / "out", tok)
-    # Under ATEN_CPU_CAPABILITY=default and avx2 held-out accuracy rose only +0.004 to +0.012 (seeds 0-2), too little
-    # to assert a rise; P(echo) fell to 0.74 of its start (default, seed 0).
+    # Over seeds 0-2 x the kernel paths (this machine's avx512, ATEN_CPU_CAPABILITY=avx2 and default), one thread,
+    # each from that run's SFT model: P(echo) fell to 0.31-0.74 of its start (worst: default, seed 0); held-out
+    # accuracy changed by -0.004 to +0.152, too little on some runs to assert a rise.
     assert echo[1] < 0.85 * echo[0] and acc[-1] > acc[0] - 0.05
     keys = ("loss", "grad_norm", "rewards/margin", "rewards/accuracy", "frac_kept", "reward/mean", "kl")
     assert all(k in m[-1] for k in keys)

@@ -245,13 +245,15 @@ def test_learns_preferences_and_keeps_accuracy(method, sft_run, tmp_path):
     (acc0, acc1), (pref0, pref1) = ((ev[0][k], ev[-1][k]) for k in ("eval/accuracy", "eval/pref_accuracy"))
     print(f"{method}: eval/accuracy {acc0:.3f} -> {acc1:.3f}, eval/pref_accuracy {pref0:.3f} -> {pref1:.3f}, "
           f"eval/margin {ev[0]['eval/margin']:.3f} -> {ev[-1]['eval/margin']:.3f}")
+    # Over seeds 0-2 x the kernel paths (this machine's avx512, ATEN_CPU_CAPABILITY=avx2 and default),
+    # each from that run's SFT model: accuracy changed by -0.023 (dpo, ipo) to +0.160 (orpo).
     assert acc1 >= acc0 - 0.04  # the SFT model's generation accuracy is kept, within a few points
-    if method in ("orpo", "simpo"):  # reference-free: the start is the SFT model's own likelihood ranking (0.844),
+    if method in ("orpo", "simpo"):  # reference-free: the start is the SFT model's own likelihood ranking (0.79-0.85),
         # near what a model of this arithmetic skill can rank; the ranking or the held-out margin must still improve.
-        # Seed 0: orpo 0.844 -> 0.914 (margin 0.191 -> 0.188), simpo 0.844 -> 0.867 (margin 3.818 -> 3.849).
+        # Over the same 9 runs: orpo's ranking rose by +0.015 to +0.070 (its margin moved -0.004 to +0.006); simpo's
+        # ranking moved -0.016 to +0.023 and its margin rose on every run (+0.019 to +0.075).
         assert pref1 >= pref0 - 0.04 and (pref1 > pref0 or ev[-1]["eval/margin"] > ev[0]["eval/margin"])
     else:  # implicit rewards start at 0 (a coin, 0.5) and must rank most held-out pairs right
-        # seed 0: dpo / ipo / kto 0.734 / 0.742 / 0.715 here; over seeds 0-2 and ATEN_CPU_CAPABILITY default / avx2
-        # the worst seen was 0.645 / 0.664 / 0.668 (avx2, seed 0): the threshold sits below it by about 1.5 standard
-        # errors of a ranking over these 256 pairs
-        assert pref1 >= 0.6
+        # dpo / ipo / kto over the same 9 runs: 0.727 / 0.728 / 0.720 on average, the worst 0.641 / 0.633 / 0.629
+        # (avx2, seed 2): the threshold sits below it by about 1.6 standard errors of a ranking over these 256 pairs
+        assert pref1 >= 0.58

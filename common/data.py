@@ -3,7 +3,6 @@
 Every error raised here is a SystemExit carrying one line, `error: <file>:<line>: <what>`, so a
 script stops with exit status 1 before it has created any output.
 """
-import argparse
 import dataclasses
 import importlib.util
 import inspect

@@ -1,6 +1,4 @@
 """One code path from 1 to N processes; the loss depends on the global batch only; resume is exact."""
-import os
-import shutil
 import signal
 import subprocess
 import sys

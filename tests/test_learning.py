@@ -1,8 +1,7 @@
 """Each algorithm learns on the embedded task with its defaults."""
 import json
 
-import pytest
-from util import metrics, run
+from util import metrics
 
 from common import toy
 

@@ -90,7 +90,7 @@ lane_online() {  # online methods on the verifier, from SFT
 
 lane_distill() {  # the teacher (the larger base, SFT on curated data), then each distillation mode
   # lr 1e-3 for the 4-layer model: at sft's default 3e-3 the teacher reached 0.68 / 0.31 / 0.55 on seeds 0 / 1 / 2,
-  # below its own student on seed 1; at 1e-3 it reaches 0.60-0.64 on seeds 1-2
+  # below its own student on seed 1; at 1e-3 it reaches 0.59-0.64 on seeds 0-2
   step sft_large "$r/sft_large.log" sft "${seed[@]}" --model runs/toy/base_large --lr 1e-3 \
     --data runs/toy/data/sft_curated.jsonl --max_steps 1000 "${held_out[@]}" --output_dir "$r/sft_large"
   for m in seqkd forward_kl reverse_kl on_policy; do

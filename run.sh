@@ -60,13 +60,23 @@ pipeline() {  # pipeline ROOT SEED: every method on the embedded default, output
   # (a script given its own --data evaluates only on an --eval_data it is given: here the embedded held-out set)
   held_out=(--eval_data runs/toy/data/eval.jsonl)
   $PY -c "from common import toy; toy.ensure('data'); toy.ensure('base'); toy.ensure('base_large')"
-  step sft "$r/sft.log" sft "${seed[@]}" --output_dir "$r/sft"   # base -> SFT (the start of everything below)
-  lanes lane_preferences lane_online lane_distill
+  rm -f "$r/sft.status"
+  lanes lane_sft lane_distill   # the teacher needs no SFT model, so it trains beside sft
+  rm -f "$r/sft.status"
   # WiSE-FT of grpo (a lane above) and TIES of the two specialists
   step merge_wiseft "$r/merge_wiseft.log" merge --sweep --base "$r/sft" --models "$r/grpo" \
     --output_dir "$r/merge_wiseft"
   step merge_ties "$r/merge_ties.log" merge --method ties --scale 0.5 --base "$r/sft" \
     --models "$r/sft_add" "$r/sft_sub" --output_dir "$r/merge_ties"
+}
+
+lane_sft() {  # base -> SFT (the start of every run but the teacher), then two lanes from it
+  if step sft "$r/sft.log" sft "${seed[@]}" --output_dir "$r/sft"; then
+    echo 0 > "$r/sft.status"
+  else
+    echo 1 > "$r/sft.status"; return 1
+  fi
+  lanes lane_preferences lane_online
 }
 
 lane_preferences() {  # the reward model and PPO on it; offline preference methods; the two merge specialists
@@ -88,11 +98,13 @@ lane_online() {  # online methods on the verifier, from SFT
     --output_dir "$r/ppo_verifier"
 }
 
-lane_distill() {  # the teacher (the larger base, SFT on curated data), then each distillation mode
+lane_distill() {  # the teacher (the larger base, SFT on curated data), then each distillation mode from SFT
   # lr 1e-3 for the 4-layer model: at sft's default 3e-3 the teacher reached 0.68 / 0.31 / 0.55 on seeds 0 / 1 / 2,
   # below its own student on seed 1; at 1e-3 it reaches 0.59-0.64 on seeds 0-2
   step sft_large "$r/sft_large.log" sft "${seed[@]}" --model runs/toy/base_large --lr 1e-3 \
     --data runs/toy/data/sft_curated.jsonl --max_steps 1000 "${held_out[@]}" --output_dir "$r/sft_large"
+  until [ -f "$r/sft.status" ]; do sleep 2; done   # the students start from SFT: wait for lane_sft's
+  [ "$(cat "$r/sft.status")" = 0 ] || return 1
   for m in seqkd forward_kl reverse_kl on_policy; do
     step "distill_$m" "$r/distill_$m.log" distill "${seed[@]}" --mode "$m" --model "$r/sft" \
       --teacher "$r/sft_large" --output_dir "$r/distill_$m"

@@ -38,8 +38,11 @@ class Args:
     max_len: int = 128  # pairs with a side longer than this are dropped (and counted)
     batch_size: int = 32  # pairs per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-4  # peak learning rate (AdamW); 1e-3 collapsed the last token's representation on some seeds
-    weight_decay: float = 0.0  # AdamW weight decay
+    lr: float = 5e-4  # peak learning rate (AdamW); 1e-3 collapsed the last token's representation on some seeds
+    # Weight decay: on the embedded pairs (seeds 0/1/2) held-out pairwise accuracy was 0.754 / 0.715 / 0.742 without
+    # it (lr 3e-4), 0.777 / 0.797 / 0.758 with 0.1 and 0.855 / 0.793 / 0.828 with 0.5; without it the small model
+    # memorises training pairs instead of learning to check the answer, as in grokking (arXiv:2201.02177).
+    weight_decay: float = 0.5  # AdamW weight decay (decoupled)
     max_grad_norm: float = 1.0  # gradient clipping
     max_steps: int = 3000  # optimizer steps (about 7 passes over the embedded pairs); 0: run --epochs over the data
     epochs: int = 1  # passes over the data when max_steps is 0

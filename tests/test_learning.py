@@ -29,9 +29,10 @@ def test_rm_ranks_held_out_pairs(rm_run):
     acc = [m["eval/accuracy"] for m in metrics(rm_run) if "eval/accuracy" in m]
     print(f"rm held-out pairwise accuracy: {acc[0]:.3f} -> {acc[-1]:.3f}")
     # Chance is 0.5. Over seeds 0-2 x the kernel paths (this machine's avx512, ATEN_CPU_CAPABILITY=avx2 and default),
-    # each from that run's SFT model: 0.766 ± 0.051, min 0.695 (avx2, seed 1), max 0.844. The earlier recipe (lr 1e-3,
-    # 1000 steps) ranked 0.465 there: its scores tied exactly on half the pairs (the last token's representation
-    # collapsed). The threshold sits below the worst seen.
-    assert acc[-1] > acc[0] and acc[-1] >= 0.65
+    # each from that run's SFT model: 0.817 ± 0.033, min 0.773 (avx2, seed 1), max 0.879. Without weight decay (lr
+    # 3e-4) it was 0.766 ± 0.051, min 0.695; the recipe before that (lr 1e-3, 1000 steps) ranked 0.465 with avx2 and
+    # seed 1: its scores tied exactly on half the pairs (the last token's representation collapsed). The threshold
+    # sits below the worst seen.
+    assert acc[-1] > acc[0] and acc[-1] >= 0.72
     from transformers import AutoModelForSequenceClassification
     assert AutoModelForSequenceClassification.from_pretrained(rm_run).config.num_labels == 1

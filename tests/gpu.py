@@ -193,9 +193,87 @@ def throughput(d, runs, n_params, header=True):
     return rows
 
 
-def trl_side(d, helper, ours):
+UNIT = ("step", "token")
+KINDS = (("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "splitk")), ("attention", ("flash", "fmha", "attn")),
+         ("compiled (Triton)", ("triton",)), ("elementwise and reductions", ("elementwise", "reduce", "vectorized")))
+
+
+def profiled(fn, n, units, what):
+    """fn() timed n times (after one untimed call) and again under torch.profiler: wall and GPU-busy seconds per unit,
+    kernels launched per unit, GPU time by kind of kernel and the costliest kernels. GPU busy far below wall: the host
+    (Python, launches, synchronisations) bounds the work, not the GPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    fn()
+    sync()
+    t = time.time()
+    for _ in range(n):
+        fn()
+    sync()
+    wall = (time.time() - t) / (n * units)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])) as prof:
+        for _ in range(n):
+            fn()
+        sync()
+    on_gpu = DEVICE == "cuda"
+    events = [e for e in prof.key_averages() if (e.device_type == DeviceType.CUDA) == on_gpu]
+    cost = {e.key: (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / (n * units) / 1e6 for e in events}
+    busy, launches = sum(cost.values()), sum(e.count for e in events) / (n * units)
+    print(f"\n{what}: {1e3 * wall:.2f} ms wall per {UNIT[units > 1]}, {1e3 * busy:.2f} ms of it "
+          f"{'GPU busy' if on_gpu else 'CPU op time'}, {launches:.0f} {'kernels' if on_gpu else 'ops'} per "
+          f"{UNIT[units > 1]}\n\n| kernel | ms | share |\n|---|---|---|", flush=True)
+    kinds = {kind: sum(c for k, c in cost.items() if any(m in k.lower() for m in marks)) for kind, marks in KINDS}
+    for key, c in [*kinds.items(), *sorted(cost.items(), key=lambda kc: -kc[1])[:12]]:
+        print(f"| {key[:90]} | {1e3 * c:.2f} | {100 * c / max(busy, 1e-12):.0f}% |", flush=True)
+    return {"wall_s": wall, "busy_s": busy, "launches": launches, "kinds": kinds}
+
+
+def profiles(d):
+    """--profile: where a packed SFT step's and a GRPO decode's time goes on the 0.5B shape."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from algos import grpo, sft
+    from common import dist, packing
+    device = torch.device(DEVICE)
+    q05 = f"{d}/q05"
+    tok = AutoTokenizer.from_pretrained(q05)
+    args = sft.parse_args(["--model", q05, "--data", f"{d}/chats.jsonl", *map(str, PACKED)])
+    rows = packing.pack(sft.load_docs(args.data, tok, args)[0], SFT_LEN, tok.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(q05, dtype=torch.float32, attn_implementation=dist.attn_impl(device))
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    step_no = iter(range(10 ** 6))
+
+    def sft_step():  # sft.py's step, without its logging
+        idx = torch.arange(SFT_ROWS) + SFT_ROWS * (next(step_no) % (len(rows["input_ids"]) // SFT_ROWS))
+        fwd = {"input_ids": rows["input_ids"][idx].to(device), "position_ids": rows["position_ids"][idx].to(device),
+               **packing.boundaries(rows["position_ids"][idx], device)}
+        with dist.autocast(device):
+            logps = sft.label_logps(model, fwd, rows["labels"][idx].to(device), dist.logits_budget(-1, device))
+        (-logps.sum() / len(logps)).backward()
+        dist.clip_grads(model, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    found = {"sft": profiled(sft_step, 3, 1, f"SFT packed step, rows of {SFT_ROWS} x {SFT_LEN}, eager")}
+    del opt
+    model.eval()
+    n_new, G = GRPO[GRPO.index("--max_new_tokens") + 1], 8
+    cfg = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=n_new,
+                           min_new_tokens=n_new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    prompts = [grpo.encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])
+               for r in map(json.loads, open(f"{d}/prompts.jsonl").readlines()[:GRPO[1]])]
+    for static_len in (512, 0):
+        decode = lambda: grpo.generate(model, prompts, G, tok, cfg, device, static_len=static_len)  # noqa: E731
+        found[f"decode_{static_len}"] = profiled(decode, 1, n_new, f"GRPO sampling, {len(prompts)} prompts x {G} "
+                                                 f"x {n_new} new tokens, {'static' if static_len else 'dynamic'} cache")
+    return found
+
+
+def trl_side(d, helper, ours, names=("sft packed", "dpo", "grpo")):
     """Hugging Face TRL on the same model, data and batch, timed by helper/trl_side.py (its wheels installed from
-    helper/wheels when TRL is missing); a row per run beside ours, with the ratio."""
+    helper/wheels when TRL is missing); a row per run (of names) beside ours, with the ratio."""
     env = dict(os.environ, TRL_GC="0")
     if importlib.util.find_spec("trl") is None and os.path.isdir(os.path.join(helper, "wheels")):
         site = os.path.join(OUT, "trl_site")
@@ -212,7 +290,7 @@ def trl_side(d, helper, ours):
     print("\nHugging Face TRL on the same model, data and batch (gradient checkpointing off, as ours):\n\n"
           "| run | TRL | peak GB | ours / TRL |\n|---|---|---|---|", flush=True)
     results = {}
-    for name, args, key in runs:
+    for name, args, key in [r for r in runs if r[0] in names]:
         with open(os.path.join(OUT, f"trl_{args[0]}.log"), "w") as log:
             p = subprocess.run([sys.executable, os.path.join(helper, "trl_side.py"), *map(str, args)], cwd=ROOT,
                                env=env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=300)
@@ -258,13 +336,15 @@ def main():
     print(f"({time.time() - t0:.0f} s)", flush=True)
     big = os.path.join(OUT, "big")
     n_params = make_big(big)
+    prof = profiles(big) if "--profile" in sys.argv else {}
     tp = throughput(big, RUNS[:N_HEADLINE], n_params)
     helper = sys.argv[sys.argv.index("--trl") + 1] if "--trl" in sys.argv else ""
     trl = trl_side(big, os.path.abspath(helper), tp) if helper else {}
     print(f"({time.time() - t0:.0f} s)", flush=True)
     tp.update(throughput(big, RUNS[N_HEADLINE:], n_params, header=False))
     with open(os.path.join(OUT, "gpu.json"), "w") as f:
-        json.dump({"env": env, "tests": tests_line, "smoke": smoke_results, "throughput": tp, "trl": trl}, f, indent=1)
+        json.dump({"env": env, "tests": tests_line, "smoke": smoke_results, "throughput": tp, "trl": trl,
+                   "profile": prof}, f, indent=1)
     print(f"\ntotal {time.time() - t0:.0f} s")
     failed = [t for t, (ok, _, _) in smoke_results.items() if not ok]
     sys.exit(1 if failed or " failed" in tests_line or any("error" in r for r in tp.values()) else 0)

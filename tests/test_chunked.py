@@ -68,6 +68,26 @@ def test_chunked_under_autocast_matches_within_bf16(model):
         assert (grads[name] - g).abs().max() <= 2e-2 * g.abs().max(), name
 
 
+def test_chunk_arithmetic_is_autograds_and_compiles_to_the_same():
+    """The per-chunk functions against autograd of log_softmax in fp64; compiled (as on CUDA, here by the CPU
+    compiler) against plain, on two chunk lengths (dynamic shapes) of bf16 logits."""
+    torch.manual_seed(0)
+    compiled = {name: torch.compile(getattr(sft.ChunkedLogps, name), dynamic=True) for name in ("lse", "grad_logits")}
+    for n in (7, 12):
+        logits = (3 * torch.randn(n, 300)).bfloat16()
+        labels, g = torch.randint(0, 300, (n,)), torch.randn(n)
+        exact = logits.double().requires_grad_()
+        logp = torch.log_softmax(exact, -1).gather(-1, labels[:, None]).squeeze(-1)
+        (logp * g).sum().backward()
+        lse = sft.ChunkedLogps.lse(logits)
+        assert lse.dtype == torch.float32 and torch.allclose(lse.double(), exact.logsumexp(-1), atol=1e-5)
+        grad = sft.ChunkedLogps.grad_logits(logits, lse, labels, g)
+        assert grad.dtype == torch.bfloat16 and torch.allclose(grad.double(), exact.grad, atol=1e-2, rtol=1e-2)
+        assert torch.allclose(compiled["lse"](logits), lse, atol=1e-5)
+        fused_grad = compiled["grad_logits"](logits, lse, labels, g)
+        assert torch.allclose(fused_grad.float(), grad.float(), atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (./run.sh gpu runs it)")
 def test_chunked_on_gpu_matches_within_bf16():
     """On CUDA under bf16 autocast, a Qwen2-shaped model with a 32k vocabulary: the path the GPU runs take."""

@@ -88,15 +88,15 @@ GRPO = ["--batch_size", 2 if SMALL else 8, "--group_size", 8, "--max_new_tokens"
         "--max_len", 512]
 GRPO_ROWS = f"{2 if SMALL else 8} prompts x 8 completions"
 RUNS = [  # (name, script, its arguments, the settings as the table shows them), the headline runs first
-    ("sft packed", "sft", PACKED, f"rows of {SFT_ROWS} x {SFT_LEN}"),
-    ("sft packed, full logits", "sft", [*PACKED, "--loss_chunk", 0], f"rows of {SFT_ROWS} x {SFT_LEN}, --loss_chunk 0"),
+    ("sft packed", "sft", PACKED, f"rows of {SFT_ROWS} x {SFT_LEN}, compiled (the default on CUDA)"),
+    ("sft packed, eager", "sft", [*PACKED, "--compile", "false"], f"rows of {SFT_ROWS} x {SFT_LEN}, --compile false"),
     ("dpo", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8], "8 pairs a step, packed"),
     ("grpo", "grpo", GRPO, GRPO_ROWS),
+    ("sft packed, full logits", "sft", [*PACKED, "--loss_chunk", 0], f"rows of {SFT_ROWS} x {SFT_LEN}, --loss_chunk 0"),
     ("grpo, dynamic cache", "grpo", [*GRPO, "--static_cache", "false"], f"{GRPO_ROWS}, --static_cache false"),
     ("grpo, prompt per row", "grpo", [*GRPO, "--share_prompt", "false"], f"{GRPO_ROWS}, --share_prompt false"),
     ("sft packed, grad. ckpt", "sft", [*PACKED, "--gradient_checkpointing", "true"],
      f"rows of {SFT_ROWS} x {SFT_LEN}, --gradient_checkpointing"),
-    ("sft packed, compiled", "sft", [*PACKED, "--compile", "true"], f"rows of {SFT_ROWS} x {SFT_LEN}, --compile"),
     ("sft padded", "sft", ["--max_len", SFT_LEN, "--batch_size", 2 * SFT_ROWS, "--packing", "false"],
      f"{2 * SFT_ROWS} chats a batch, max_len {SFT_LEN}"),
     ("dpo padded", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8, "--packing", "false"],
@@ -171,17 +171,19 @@ def throughput(d, runs, n_params, header=True):
     common = ["--model", q05, "--save_every", 0, "--eval_every", 0]
     for name, algo, settings, described in runs:
         if algo == "sft":
-            every = N_STEPS // 2 if "--compile" in settings else N_STEPS // 3  # compiling: a longer warm-up, untimed
+            every = N_STEPS // 2  # the first half untimed: compiling (the default on CUDA) and warming up
             extra = ["--data", f"{d}/chats.jsonl", "--max_steps", N_STEPS, "--log_every", every]
         elif algo == "dpo":
             extra = ["--data", f"{d}/pairs.jsonl", "--max_steps", 9, "--log_every", 3]  # no eval inside the timing
         else:
-            extra = ["--data", f"{d}/prompts.jsonl", "--max_steps", 4, "--log_every", 1]  # the first compiles
+            # the first step compiles the decode step, the second's update still ran 4 s slower than the rest on an
+            # H200: steps 3-5 are timed
+            extra = ["--data", f"{d}/prompts.jsonl", "--max_steps", 5, "--log_every", 1]
         tag = "tp_" + name.replace(" ", "_").replace(",", "").replace(".", "")
         out = os.path.join(OUT, "runs", tag)
         ok, seconds, error = script(algo, *settings, *extra, *common, "--output_dir", out, tag=tag, timeout=240)
         per_step = {"dpo": 8, "grpo": 8 * (2 if SMALL else 8)}.get(algo, 1)
-        r = rows[name] = rates(out, per_step=per_step) if ok else {"error": error}
+        r = rows[name] = rates(out, per_step=per_step, skip=2 if algo == "grpo" else 1) if ok else {"error": error}
         r["wall_s"] = seconds
         if "error" in r:
             print(f"| {name} | {described} | FAILED: {r['error']} | | |", flush=True)
@@ -194,18 +196,20 @@ def throughput(d, runs, n_params, header=True):
 
 
 UNIT = ("step", "token")
-KINDS = (("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "splitk")), ("attention", ("flash", "fmha", "attn")),
-         ("compiled (Triton)", ("triton",)), ("elementwise and reductions", ("elementwise", "reduce", "vectorized")))
+KINDS = (("attention", ("flash", "fmha", "attn")), ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "splitk")),
+         ("compiled (Triton)", ("triton",)), ("elementwise and reductions", ("elementwise", "reduce", "vectorized")),
+         ("other", ("",)))  # a kernel counts in the first kind whose marks its name holds
 
 
-def profiled(fn, n, units, what):
-    """fn() timed n times (after one untimed call) and again under torch.profiler: wall and GPU-busy seconds per unit,
-    kernels launched per unit, GPU time by kind of kernel and the costliest kernels. GPU busy far below wall: the host
-    (Python, launches, synchronisations) bounds the work, not the GPU."""
+def profiled(fn, n, units, what, warm=1):
+    """fn() timed n times (after `warm` untimed calls) and once under torch.profiler: wall and GPU-busy seconds per
+    unit, kernels launched per unit, GPU time by kind of kernel and the costliest kernels. GPU busy far below wall:
+    the host (Python, launches, synchronisations) bounds the work, not the GPU."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-    fn()
+    for _ in range(warm):
+        fn()
     sync()
     t = time.time()
     for _ in range(n):
@@ -213,17 +217,19 @@ def profiled(fn, n, units, what):
     sync()
     wall = (time.time() - t) / (n * units)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])) as prof:
-        for _ in range(n):
-            fn()
+        fn()
         sync()
+    # kernels on a GPU, operators' own time on a CPU; user annotations ("Optimizer.step#AdamW.step") left out, since
+    # their time is their kernels', counted already
     on_gpu = DEVICE == "cuda"
-    events = [e for e in prof.key_averages() if (e.device_type == DeviceType.CUDA) == on_gpu]
-    cost = {e.key: (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / (n * units) / 1e6 for e in events}
-    busy, launches = sum(cost.values()), sum(e.count for e in events) / (n * units)
+    events = [e for e in prof.key_averages() if (e.device_type == DeviceType.CUDA) == on_gpu and "#" not in e.key]
+    cost = {e.key: (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / units / 1e6 for e in events}
+    busy, launches = sum(cost.values()), sum(e.count for e in events) / units
     print(f"\n{what}: {1e3 * wall:.2f} ms wall per {UNIT[units > 1]}, {1e3 * busy:.2f} ms of it "
           f"{'GPU busy' if on_gpu else 'CPU op time'}, {launches:.0f} {'kernels' if on_gpu else 'ops'} per "
           f"{UNIT[units > 1]}\n\n| kernel | ms | share |\n|---|---|---|", flush=True)
-    kinds = {kind: sum(c for k, c in cost.items() if any(m in k.lower() for m in marks)) for kind, marks in KINDS}
+    kind_of = {k: next(kind for kind, marks in KINDS if any(m in k.lower() for m in marks)) for k in cost}
+    kinds = {kind: sum(c for k, c in cost.items() if kind_of[k] == kind) for kind, _ in KINDS}
     for key, c in [*kinds.items(), *sorted(cost.items(), key=lambda kc: -kc[1])[:12]]:
         print(f"| {key[:90]} | {1e3 * c:.2f} | {100 * c / max(busy, 1e-12):.0f}% |", flush=True)
     return {"wall_s": wall, "busy_s": busy, "launches": launches, "kinds": kinds}
@@ -256,7 +262,10 @@ def profiles(d):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    found = {"sft": profiled(sft_step, 3, 1, f"SFT packed step, rows of {SFT_ROWS} x {SFT_LEN}, eager")}
+    what = f"SFT packed step, rows of {SFT_ROWS} x {SFT_LEN}"
+    found = {"sft_eager": profiled(sft_step, 3, 1, f"{what}, eager")}
+    dist.compile_layers(model)
+    found["sft_compiled"] = profiled(sft_step, 3, 1, f"{what}, compiled (the default on CUDA)", warm=3)
     del opt
     model.eval()
     n_new, G = GRPO[GRPO.index("--max_new_tokens") + 1], 8
@@ -264,10 +273,9 @@ def profiles(d):
                            min_new_tokens=n_new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     prompts = [grpo.encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])
                for r in map(json.loads, open(f"{d}/prompts.jsonl").readlines()[:GRPO[1]])]
-    for static_len in (512, 0):
-        decode = lambda: grpo.generate(model, prompts, G, tok, cfg, device, static_len=static_len)  # noqa: E731
-        found[f"decode_{static_len}"] = profiled(decode, 1, n_new, f"GRPO sampling, {len(prompts)} prompts x {G} "
-                                                 f"x {n_new} new tokens, {'static' if static_len else 'dynamic'} cache")
+    decode = lambda: grpo.generate(model, prompts, G, tok, cfg, device, static_len=512)  # noqa: E731
+    found["decode"] = profiled(decode, 1, n_new, f"GRPO sampling, {len(prompts)} prompts x {G} x {n_new} new tokens, "
+                               "static cache (the default on one GPU)")
     return found
 
 

@@ -1,13 +1,14 @@
 """Online RL family (grpo, rloo, remax): advantages, surrogate, KL estimators and loss denominators by hand;
 batched generation; 1 vs 2 processes; learning on the embedded task."""
+import copy
 import math
 
 import pytest
 import torch
 from util import habit_outcome, head, metrics, run
 
-from algos.grpo import (aggregate, clipped_surrogate, completion_logps, generate, group_rows, grpo_advantages,
-                        kl_estimate)
+from algos.grpo import (aggregate, bf16_sampler, clipped_surrogate, completion_logps, generate, group_rows,
+                        grpo_advantages, kl_estimate)
 from algos.remax import remax_advantages
 from algos.rloo import reinforce_loss, rloo_advantages
 
@@ -177,6 +178,38 @@ def test_static_cache_samples_what_the_dynamic_cache_samples(sft):
     for name in ("rloo", "remax", "online_dpo", "rft"):
         module = importlib.import_module(f"algos.{name}")
         assert inspect.getsource(module.generate) == inspect.getsource(generate), name
+
+
+def test_bf16_sampler_is_the_policy_in_bf16(sft):
+    """With the fixed-size cache on one GPU, the sampling scripts decode with bf16_sampler's copy: bf16 casts of the
+    policy's parameters (tied ones still tied), without gradients, refreshed in place after an update; the policy
+    keeps its fp32 weights, and the copy samples with the fixed-size cache."""
+    import importlib
+    import inspect
+
+    from transformers import GenerationConfig
+    model, tok, prompts = sft
+    policy = copy.deepcopy(model)
+    sampler = bf16_sampler(policy)
+    mine, theirs = dict(sampler.named_parameters()), dict(policy.named_parameters())
+    assert mine.keys() == theirs.keys() and not sampler.training
+    for name, p in theirs.items():
+        assert p.dtype == torch.float32 and mine[name].dtype == torch.bfloat16 and not mine[name].requires_grad
+        assert torch.equal(mine[name], p.detach().bfloat16()), name
+    if policy.config.tie_word_embeddings:
+        assert sampler.get_output_embeddings().weight is sampler.get_input_embeddings().weight
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(1.5)  # an update
+    assert bf16_sampler(policy, sampler) is sampler
+    assert all(torch.equal(mine[n], p.detach().bfloat16()) for n, p in theirs.items())
+    cfg = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=8, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+    comp, mask, _ = generate(sampler, prompts, 2, tok, cfg, torch.device("cpu"), static_len=max(map(len, prompts)) + 8)
+    assert comp.shape == (2 * len(prompts), 8) and mask[:, 0].all()
+    for name in ("rloo", "remax", "online_dpo", "rft", "ppo"):
+        module = importlib.import_module(f"algos.{name}")
+        assert inspect.getsource(module.bf16_sampler) == inspect.getsource(bf16_sampler), name
 
 
 @pytest.mark.parametrize("share_prompt", [True, False])

@@ -303,7 +303,8 @@ def main(args):
     gen_cfg = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                                max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id)  # nothing else from the model's own config
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")  # one kernel for the whole update on CUDA
     sched = get_constant_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps * args.num_iterations))
 
     os.makedirs(args.output_dir, exist_ok=True)

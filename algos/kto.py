@@ -70,6 +70,7 @@ class Args:
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
+    compile: str = "auto"  # torch.compile each decoder layer (fuses elementwise work): true|false|auto (on CUDA)
     loss_chunk: int = -1  # millions of vocabulary-wide logits held at once; 0: full logits; -1: 128 on GPU, 0 on CPU
     packing: bool = True  # with a varlen kernel (GPU): a micro-batch's sequences in one row, no padding
     beta: float = 0.1  # β: strength of the KL regularisation toward πref (the implicit reward's scale)
@@ -254,6 +255,9 @@ def load_pairs(path, tok, args):
 
 def main(args):
     rank, world, device = dist.setup(args.seed)
+    if args.compile not in ("auto", "true", "false"):
+        data.fail("--compile must be auto|true|false")
+    compiled = args.compile == "true" or (args.compile == "auto" and device.type == "cuda")  # as sft.py explains
     embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("kto.jsonl")
     args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
@@ -363,7 +367,10 @@ def main(args):
     model = load(args.model).train()  # train mode only matters to --gradient_checkpointing: dropout is 0
     if args.gradient_checkpointing:
         dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if compiled:
+        dist.compile_layers(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")  # one kernel for the whole update on CUDA
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
 
     os.makedirs(args.output_dir, exist_ok=True)

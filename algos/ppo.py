@@ -303,7 +303,8 @@ def main(args):
     beta_state = torch.tensor(args.beta, dtype=torch.float64, device="cpu")  # the KL controller's state
     both.register_buffer("beta", beta_state)
     opt = torch.optim.AdamW([{"params": actor.parameters(), "lr": args.lr},
-                             {"params": critic.parameters(), "lr": args.critic_lr}], weight_decay=args.weight_decay)
+                             {"params": critic.parameters(), "lr": args.critic_lr}], weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")  # one kernel for the whole update on CUDA
     sched = get_constant_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps))
 
     os.makedirs(args.output_dir, exist_ok=True)

@@ -124,7 +124,8 @@ def main(args):
         dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
     model = dist.shard(model, world, device)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")  # one kernel for the whole update on CUDA
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
 
     os.makedirs(args.output_dir, exist_ok=True)

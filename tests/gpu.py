@@ -90,7 +90,7 @@ GRPO_ROWS = f"{2 if SMALL else 8} prompts x 8 completions"
 RUNS = [  # (name, script, its arguments, the settings as the table shows them), the headline runs first
     ("sft packed", "sft", PACKED, f"rows of {SFT_ROWS} x {SFT_LEN}, compiled (the default on CUDA)"),
     ("sft packed, eager", "sft", [*PACKED, "--compile", "false"], f"rows of {SFT_ROWS} x {SFT_LEN}, --compile false"),
-    ("dpo", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8], "8 pairs a step, packed"),
+    ("dpo", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8], "8 pairs a step, packed, compiled"),
     ("grpo", "grpo", GRPO, GRPO_ROWS),
     ("sft packed, full logits", "sft", [*PACKED, "--loss_chunk", 0], f"rows of {SFT_ROWS} x {SFT_LEN}, --loss_chunk 0"),
     ("grpo, dynamic cache", "grpo", [*GRPO, "--static_cache", "false"], f"{GRPO_ROWS}, --static_cache false"),
@@ -99,6 +99,8 @@ RUNS = [  # (name, script, its arguments, the settings as the table shows them),
      f"rows of {SFT_ROWS} x {SFT_LEN}, --gradient_checkpointing"),
     ("sft padded", "sft", ["--max_len", SFT_LEN, "--batch_size", 2 * SFT_ROWS, "--packing", "false"],
      f"{2 * SFT_ROWS} chats a batch, max_len {SFT_LEN}"),
+    ("dpo, eager", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8, "--compile", "false"],
+     "8 pairs a step, packed, --compile false"),
     ("dpo padded", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8, "--packing", "false"],
      "8 pairs a step, --packing false"),
 ]
@@ -125,7 +127,9 @@ def make_big(d):
     text = lambda n: "".join(rng.choice(letters) for _ in range(n))  # noqa: E731
     turn = lambda mu, sigma, cap: text(min(cap, int(rng.lognormvariate(mu, sigma))))  # noqa: E731
     chats, pairs, prompts = [], [], []
-    for _ in range(300 if SMALL else 3000):  # turns geometric, lengths lognormal: median ~300 characters a reply
+    # 1,000 chats (about 250 packed rows of 4096, where a run takes 48) and 256 pairs, since both DPO sides compute
+    # every pair's reference log-probabilities before training: more data would only lengthen the check
+    for _ in range(300 if SMALL else 1000):  # turns geometric, lengths lognormal: median ~300 characters a reply
         msgs = []
         for _ in range(min(6, 1 + int(rng.expovariate(0.8)))):
             msgs += [{"role": "user", "content": turn(4.3, 0.8, 2000)},
@@ -134,7 +138,7 @@ def make_big(d):
         pairs.append({"prompt": msgs[0]["content"][:400], "chosen": turn(5.7, 0.9, 600),
                       "rejected": turn(5.7, 0.9, 600)})
         prompts.append({"prompt": text(rng.randint(20, 80)), "answer": "0"})
-    for name, rows in (("chats", chats), ("pairs", pairs), ("pairs_eval", pairs[:64]), ("prompts", prompts)):
+    for name, rows in (("chats", chats), ("pairs", pairs[:256]), ("pairs_eval", pairs[:64]), ("prompts", prompts)):
         with open(f"{d}/{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return n_params
@@ -235,47 +239,50 @@ def profiled(fn, n, units, what, warm=1):
     return {"wall_s": wall, "busy_s": busy, "launches": launches, "kinds": kinds}
 
 
-def profiles(d):
-    """--profile: where a packed SFT step's and a GRPO decode's time goes on the 0.5B shape."""
+def profiles(d, parts=("decode", "sft")):
+    """--profile: where a GRPO decode's and a packed SFT step's time goes on the 0.5B shape."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from algos import grpo, sft
     from common import dist, packing
-    device = torch.device(DEVICE)
-    q05 = f"{d}/q05"
+    device, q05, found = torch.device(DEVICE), f"{d}/q05", {}
     tok = AutoTokenizer.from_pretrained(q05)
-    args = sft.parse_args(["--model", q05, "--data", f"{d}/chats.jsonl", *map(str, PACKED)])
-    rows = packing.pack(sft.load_docs(args.data, tok, args)[0], SFT_LEN, tok.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(q05, dtype=torch.float32, attn_implementation=dist.attn_impl(device))
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    step_no = iter(range(10 ** 6))
+    model.to(device)
+    if "decode" in parts:  # as grpo.py samples on one GPU: a bf16 copy of the policy, the fixed-size cache
+        n_new, G = GRPO[GRPO.index("--max_new_tokens") + 1], 8
+        cfg = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=n_new,
+                               min_new_tokens=n_new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        prompts = [grpo.encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])
+                   for r in map(json.loads, open(f"{d}/prompts.jsonl").readlines()[:GRPO[1]])]
+        sampler = grpo.bf16_sampler(model)
+        decode = lambda: grpo.generate(sampler, prompts, G, tok, cfg, device, static_len=512)  # noqa: E731
+        found["decode"] = profiled(decode, 1, n_new, f"GRPO sampling, {len(prompts)} prompts x {G} x {n_new} new "
+                                   "tokens, bf16 copy and fixed-size cache (the default on one GPU)")
+        del sampler
+    if "sft" in parts:
+        args = sft.parse_args(["--model", q05, "--data", f"{d}/chats.jsonl", *map(str, PACKED)])
+        rows = packing.pack(sft.load_docs(args.data, tok, args)[0], SFT_LEN, tok.pad_token_id)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        step_no = iter(range(10 ** 6))
 
-    def sft_step():  # sft.py's step, without its logging
-        idx = torch.arange(SFT_ROWS) + SFT_ROWS * (next(step_no) % (len(rows["input_ids"]) // SFT_ROWS))
-        fwd = {"input_ids": rows["input_ids"][idx].to(device), "position_ids": rows["position_ids"][idx].to(device),
-               **packing.boundaries(rows["position_ids"][idx], device)}
-        with dist.autocast(device):
-            logps = sft.label_logps(model, fwd, rows["labels"][idx].to(device), dist.logits_budget(-1, device))
-        (-logps.sum() / len(logps)).backward()
-        dist.clip_grads(model, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        def sft_step():  # sft.py's step, without its logging
+            idx = torch.arange(SFT_ROWS) + SFT_ROWS * (next(step_no) % (len(rows["input_ids"]) // SFT_ROWS))
+            fwd = {k: dist.to_device(rows[k][idx], device) for k in ("input_ids", "position_ids")}
+            fwd.update(packing.boundaries(rows["position_ids"][idx], device))
+            with dist.autocast(device):
+                logps = sft.label_logps(model, fwd, dist.to_device(rows["labels"][idx], device),
+                                        dist.logits_budget(-1, device))
+            (-logps.sum() / len(logps)).backward()
+            dist.clip_grads(model, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    what = f"SFT packed step, rows of {SFT_ROWS} x {SFT_LEN}"
-    found = {"sft_eager": profiled(sft_step, 3, 1, f"{what}, eager")}
-    dist.compile_layers(model)
-    found["sft_compiled"] = profiled(sft_step, 3, 1, f"{what}, compiled (the default on CUDA)", warm=3)
-    del opt
-    model.eval()
-    n_new, G = GRPO[GRPO.index("--max_new_tokens") + 1], 8
-    cfg = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=n_new,
-                           min_new_tokens=n_new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    prompts = [grpo.encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])
-               for r in map(json.loads, open(f"{d}/prompts.jsonl").readlines()[:GRPO[1]])]
-    decode = lambda: grpo.generate(model, prompts, G, tok, cfg, device, static_len=512)  # noqa: E731
-    found["decode"] = profiled(decode, 1, n_new, f"GRPO sampling, {len(prompts)} prompts x {G} x {n_new} new tokens, "
-                               "static cache (the default on one GPU)")
+        what = f"SFT packed step, rows of {SFT_ROWS} x {SFT_LEN}"
+        found["sft_eager"] = profiled(sft_step, 3, 1, f"{what}, eager")
+        dist.compile_layers(model)
+        found["sft_compiled"] = profiled(sft_step, 3, 1, f"{what}, compiled (the default on CUDA)", warm=3)
     return found
 
 

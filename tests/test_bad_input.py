@@ -77,6 +77,7 @@ def test_exit_status_and_stderr_from_the_command_line(base, tmp_path):
     (["--data", "nowhere.jsonl"], "error: nowhere.jsonl: no such file", 1),
     (["--data", "tests"], "error: tests: is a directory, expected a JSONL file", 1),
     (["--report_to", "mlflow"], "error: --report_to must be one of none, tensorboard, wandb, got 'mlflow'", 2),
+    (["--compile", "maybe"], "error: --compile must be auto|true|false", 1),
 ])
 def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, tmp_path):
     p = run("sft", *args, "--output_dir", tmp_path / "out", check=False)
@@ -87,6 +88,8 @@ def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, 
 
 # Each script's own sizes and files, from the embedded base model (the shared checks are sft's, above).
 OWN = [
+    ("dpo", ["--compile", "yes"], "error: --compile must be auto|true|false", 1),
+    ("grpo", ["--static_cache", "on"], "error: --static_cache must be auto|true|false", 1),
     ("online_dpo", ["--batch_size", "0"], "error: --batch_size must be positive, got 0", 2),
     ("online_dpo", ["--max_new_tokens", "0"], "error: --max_new_tokens must be positive, got 0", 2),
     ("online_dpo", ["--data", "nowhere.jsonl"], "error: nowhere.jsonl: no such file", 1),

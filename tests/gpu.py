@@ -241,8 +241,10 @@ def profiled(fn, n, units, what, warm=1):
     return {"wall_s": wall, "busy_s": busy, "launches": launches, "kinds": kinds}
 
 
-def profiles(d, parts=("decode", "sft")):
-    """--profile: where a GRPO decode's and a packed SFT step's time goes on the 0.5B shape."""
+def profiles(d, parts=("decode", "sft"), decode_attn=("sdpa",)):
+    """--profile: where a GRPO decode's and a packed SFT step's time goes on the 0.5B shape; the decode with each
+    attention implementation of decode_attn ("eager": transformers' matrix-product attention, where sdpa's kernels
+    are built for many queries and a decode step has one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from algos import grpo, sft
@@ -257,11 +259,13 @@ def profiles(d, parts=("decode", "sft")):
                                min_new_tokens=n_new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         prompts = [grpo.encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])
                    for r in map(json.loads, open(f"{d}/prompts.jsonl").readlines()[:GRPO[1]])]
-        sampler = grpo.bf16_sampler(model)
-        decode = lambda: grpo.generate(sampler, prompts, G, tok, cfg, device, static_len=512)  # noqa: E731
-        found["decode"] = profiled(decode, 1, n_new, f"GRPO sampling, {len(prompts)} prompts x {G} x {n_new} new "
-                                   "tokens, bf16 copy and fixed-size cache (the default on one GPU)")
-        del sampler
+        for attn in decode_attn:
+            sampler = grpo.bf16_sampler(model)
+            sampler.set_attn_implementation(attn)
+            decode = lambda: grpo.generate(sampler, prompts, G, tok, cfg, device, static_len=512)  # noqa: E731
+            found[f"decode_{attn}"] = profiled(decode, 1, n_new, f"GRPO sampling, {len(prompts)} prompts x {G} x "
+                                               f"{n_new} new tokens, bf16 copy and fixed-size cache, {attn} attention")
+            del sampler
     if "sft" in parts:
         args = sft.parse_args(["--model", q05, "--data", f"{d}/chats.jsonl", *map(str, PACKED)])
         rows = packing.pack(sft.load_docs(args.data, tok, args)[0], SFT_LEN, tok.pad_token_id)

@@ -196,20 +196,24 @@ def collate(seqs, pad_id, packing, device):
     """Sequences (ids, labels) -> (forward kwargs, labels_BT, seq_BT: the sequence each position belongs to).
     Packed: one row of every sequence back to back, each a document of its own (position_ids restart at 0; varlen
     attention keeps them apart by their boundaries, sdpa by a mask from position_ids), so no padding is computed.
-    Else right-padded rows, as long as the longest sequence."""
+    Else right-padded rows, as long as the longest sequence.
+    Built on the CPU and copied with dist.to_device (pinned, asynchronous: no wait for the GPU)."""
     if packing:
         lengths = torch.tensor([len(ids) for ids, _ in seqs], device="cpu")
         pos = torch.cat([torch.arange(n, device="cpu") for n in lengths.tolist()])[None]
-        ids = torch.tensor([[t for ids, _ in seqs for t in ids]], device=device)
-        labels = torch.tensor([[t for _, lab in seqs for t in lab]], device=device)
-        seq = torch.repeat_interleave(torch.arange(len(seqs), device="cpu"), lengths)[None].to(device)
-        return {"input_ids": ids, "position_ids": pos.to(device), **boundaries(pos, device)}, labels, seq
+        ids = torch.tensor([[t for ids, _ in seqs for t in ids]], device="cpu")
+        labels = torch.tensor([[t for _, lab in seqs for t in lab]], device="cpu")
+        seq = torch.repeat_interleave(torch.arange(len(seqs), device="cpu"), lengths)[None]
+        fwd = {"input_ids": dist.to_device(ids, device), "position_ids": dist.to_device(pos, device),
+               **boundaries(pos, device)}
+        return fwd, dist.to_device(labels, device), dist.to_device(seq, device)
     width = max(len(ids) for ids, _ in seqs)
-    ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs], device=device)
-    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device=device)
-    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device=device)
+    ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs], device="cpu")
+    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device="cpu")
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device="cpu")
     seq = torch.arange(len(seqs), device=device)[:, None].expand(-1, width)
-    return {"input_ids": ids, "attention_mask": mask}, labels, seq
+    fwd = {"input_ids": dist.to_device(ids, device), "attention_mask": dist.to_device(mask, device)}
+    return fwd, dist.to_device(labels, device), seq
 
 
 def dpo_loss(logps_c_M, logps_r_M, ref_c_M, ref_r_M, beta, n_pairs, label_smoothing=0.0, dpop_lambda=0.0):

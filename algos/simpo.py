@@ -179,20 +179,24 @@ def collate(seqs, pad_id, packing, device):
     """Sequences (ids, labels) -> (forward kwargs, labels_BT, seq_BT: the sequence each position belongs to).
     Packed: one row of every sequence back to back, each a document of its own (position_ids restart at 0; varlen
     attention keeps them apart by their boundaries, sdpa by a mask from position_ids), so no padding is computed.
-    Else right-padded rows, as long as the longest sequence."""
+    Else right-padded rows, as long as the longest sequence.
+    Built on the CPU and copied with dist.to_device (pinned, asynchronous: no wait for the GPU)."""
     if packing:
         lengths = torch.tensor([len(ids) for ids, _ in seqs], device="cpu")
         pos = torch.cat([torch.arange(n, device="cpu") for n in lengths.tolist()])[None]
-        ids = torch.tensor([[t for ids, _ in seqs for t in ids]], device=device)
-        labels = torch.tensor([[t for _, lab in seqs for t in lab]], device=device)
-        seq = torch.repeat_interleave(torch.arange(len(seqs), device="cpu"), lengths)[None].to(device)
-        return {"input_ids": ids, "position_ids": pos.to(device), **boundaries(pos, device)}, labels, seq
+        ids = torch.tensor([[t for ids, _ in seqs for t in ids]], device="cpu")
+        labels = torch.tensor([[t for _, lab in seqs for t in lab]], device="cpu")
+        seq = torch.repeat_interleave(torch.arange(len(seqs), device="cpu"), lengths)[None]
+        fwd = {"input_ids": dist.to_device(ids, device), "position_ids": dist.to_device(pos, device),
+               **boundaries(pos, device)}
+        return fwd, dist.to_device(labels, device), dist.to_device(seq, device)
     width = max(len(ids) for ids, _ in seqs)
-    ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs], device=device)
-    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device=device)
-    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device=device)
+    ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs], device="cpu")
+    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device="cpu")
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device="cpu")
     seq = torch.arange(len(seqs), device=device)[:, None].expand(-1, width)
-    return {"input_ids": ids, "attention_mask": mask}, labels, seq
+    fwd = {"input_ids": dist.to_device(ids, device), "attention_mask": dist.to_device(mask, device)}
+    return fwd, dist.to_device(labels, device), seq
 
 
 def simpo_loss(logps_c_M, logps_r_M, len_c_M, len_r_M, beta, gamma, n_pairs):
@@ -347,7 +351,7 @@ def main(args):
         firsts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this rank's micro-batches
         micro = [idx[first:first + args.batch_size] for first in firsts]
         n_pairs = G  # M of the equation: every pair of the global batch counts once
-        loss_sum, sums = 0.0, dist.Sums(device)  # this step's metrics, summed over pairs
+        loss_sum, sums = torch.zeros((), device=device), dist.Sums(device)  # this step's metrics, summed over pairs
         for i, m in enumerate(micro):
             if world > 1:
                 model.set_requires_gradient_sync(i == len(micro) - 1)
@@ -358,28 +362,30 @@ def main(args):
             len_c, len_r = lens.chunk(2)
             loss, rewards_c, rewards_r = simpo_loss(logps_c, logps_r, len_c, len_r, args.beta, args.gamma, n_pairs)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
-            loss_sum += loss.item()
+            loss_sum += loss.detach()  # kept on the device: the host reads it when the step logs or saves
             right = (rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()
             sums.add({"logps/chosen": logps_c.detach().sum(), "logps/rejected": logps_r.detach().sum(),
                       "rewards/chosen": rewards_c.sum(), "rewards/rejected": rewards_r.sum(),
                       "rewards/accuracy": right.sum(), "pairs": len(m)})
             tokens += sum(len(ids) for ids, _ in seqs)
-        loss_step = dist.all_sum(loss_sum).item()
-        if not math.isfinite(loss_step):
-            data.fail(f"non-finite loss {loss_step} at step {step + 1}; stopping without saving a model")
-        gnorm = dist.grad_norm(model, args.max_grad_norm)
+        gnorm = dist.clip_grads(model, args.max_grad_norm)  # a tensor on the device: no host sync
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
-        if done % args.log_every == 0 or done == total_steps:
+        log_now = done % args.log_every == 0 or done == total_steps
+        if log_now or (args.save_every and done % args.save_every == 0):
+            loss_step = dist.all_sum(loss_sum).item()  # the first host sync of the step
+            if not math.isfinite(loss_step):
+                data.fail(f"non-finite loss {loss_step} at step {done}; stopping without saving a model")
+        if log_now:
             tps = dist.all_sum(tokens).item() / (time.time() - t_log)
             s = sums.reduce()
             per_pair = {k: v / s["pairs"] for k, v in s.items() if k != "pairs"}  # means over the step's pairs
             per_pair["rewards/margin"] = per_pair["rewards/chosen"] - per_pair["rewards/rejected"]
             eval_now = (args.eval_every and done % args.eval_every == 0) or done == total_steps
             extra = evaluate() if eval_now else {}
-            metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
+            metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm.item(), tokens_per_s=tps,
                         peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **per_pair, **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:

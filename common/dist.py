@@ -157,7 +157,7 @@ def grad_norm(model, max_norm):
 def to_device(x, device):
     """A CPU tensor to device without stalling the host: pinned and copied asynchronously on CUDA (a copy from
     pageable memory waits for the GPU to finish everything queued before it)."""
-    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+    return x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x
 
 
 def peak_mem_gb(device):

@@ -15,6 +15,7 @@ import inspect
 
 import torch
 
+from common import dist
 from common.template import IGNORE
 
 
@@ -76,7 +77,7 @@ def boundaries(position_ids_BT, device):
     starts = torch.nonzero(pos == 0).reshape(-1)  # every row starts a document, so row ends are boundaries too
     cu = torch.cat([starts, torch.tensor([len(pos)])]).to(torch.int32)
     longest = int(cu.diff().max())
-    cu = cu.to(device)
+    cu = dist.to_device(cu, device)  # pinned and asynchronous: no wait for the GPU
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 

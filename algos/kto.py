@@ -261,7 +261,9 @@ def main(args):
     rank, world, device = dist.setup(args.seed)
     if args.compile not in ("auto", "true", "false"):
         data.fail("--compile must be auto|true|false")
-    compiled = args.compile == "true" or (args.compile == "auto" and device.type == "cuda")  # as sft.py explains
+    # auto: compiled on CUDA, where fusing the layers' elementwise work made SFT 1.20-1.31x faster on an H200; eager
+    # on CPU, where the embedded task's tests were calibrated
+    compiled = args.compile == "true" or (args.compile == "auto" and device.type == "cuda")
     embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("kto.jsonl")
     args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")

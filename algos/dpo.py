@@ -159,33 +159,37 @@ def label_logps(model, fwd, labels_BT, budget):
     logits), as many positions a chunk as `budget` logits allow (883 of a 152k vocabulary at 2^27; a small
     vocabulary takes a whole batch in one chunk); 0: from the model's full logits, equal up to float rounding
     (for models that post-process them, e.g. soft-capping). Run under autocast. use_cache=False: with a cache,
-    transformers ignores position_ids when masking (packed documents would leak)."""
-    labels = labels_BT[:, 1:]
-    mask = labels != IGNORE
+    transformers ignores position_ids when masking (packed documents would leak).
+    labels_BT on the CPU, as the scripts build them: the labelled positions are found there and copied over as
+    indices, so the host never waits for the GPU (selecting with a mask on the GPU would wait to learn the count)."""
+    device = fwd["input_ids"].device
+    labels = labels_BT.cpu()  # a no-op for CPU labels
+    row, t = (labels[:, 1:] != IGNORE).nonzero().unbind(-1)  # position t of a row predicts the label at t + 1
+    at_N = dist.to_device(row * labels.shape[1] + t, device)  # those positions, in the rows flattened
+    labels_N = dist.to_device(labels[row, t + 1], device)
     if not budget:
-        return token_logps(model(**fwd, use_cache=False).logits[:, :-1][mask], labels[mask])
-    none = torch.zeros(0, dtype=torch.long, device=labels.device)
+        return token_logps(model(**fwd, use_cache=False).logits.flatten(0, 1)[at_N], labels_N)
+    none = torch.zeros(0, dtype=torch.long, device=device)
     out = model(**fwd, use_cache=False, output_hidden_states=True, logits_to_keep=none)
-    h = out.hidden_states[-1][:, :-1][mask]  # the last hidden state, after the final norm
+    h = out.hidden_states[-1].flatten(0, 1)[at_N]  # the last hidden state, after the final norm
     w = model.get_output_embeddings().weight
-    return ChunkedLogps.apply(h, w, labels[mask], max(1, budget // w.shape[0]))
+    return ChunkedLogps.apply(h, w, labels_N, max(1, budget // w.shape[0]))
 
 
 def seq_logps(logps_N, labels_BT, seq_BT, n_seqs):
     """Log-probs of the labelled positions in batch order (label_logps) -> (Σ_t log π(y_t | x, y_<t) over each
-    sequence's response tokens, |y| the count of those tokens), for sequences 0..n_seqs-1 (seq_BT: collate's)."""
-    mask_BT = labels_BT[:, 1:] != IGNORE
-    if len(labels_BT) == n_seqs:  # one sequence a row (padded)
-        logps_BT = torch.zeros(mask_BT.shape, device=logps_N.device).masked_scatter(mask_BT, logps_N)
-        return logps_BT.sum(-1), mask_BT.sum(-1)
-    seq_N = seq_BT[:, 1:][mask_BT]  # logits at t predict the label at t+1, of the same sequence
+    sequence's response tokens, |y| the count of those tokens), for sequences 0..n_seqs-1. labels_BT and seq_BT
+    (the sequence each position belongs to) as collate returns them, on the CPU: no wait for the GPU."""
+    seq_N = seq_BT[:, 1:][labels_BT[:, 1:] != IGNORE]  # logits at t predict the label at t+1, of the same sequence
+    seq_N = dist.to_device(seq_N, logps_N.device)
     sums = torch.zeros(n_seqs, device=logps_N.device).index_add(0, seq_N, logps_N)
     lens = torch.zeros(n_seqs, dtype=torch.long, device=logps_N.device).index_add(0, seq_N, torch.ones_like(seq_N))
     return sums, lens
 
 
 def collate(seqs, pad_id, packing, device):
-    """Sequences (ids, labels) -> (forward kwargs, labels_BT, seq_BT: the sequence each position belongs to).
+    """Sequences (ids, labels) -> (forward kwargs on the device, labels_BT, seq_BT: the sequence each position
+    belongs to; these two on the CPU, where label_logps and seq_logps read them).
     Packed: one row of every sequence back to back, each a document of its own (position_ids restart at 0; varlen
     attention keeps them apart by their boundaries, sdpa by a mask from position_ids), so no padding is computed.
     Else right-padded rows, as long as the longest sequence.
@@ -198,14 +202,14 @@ def collate(seqs, pad_id, packing, device):
         seq = torch.repeat_interleave(torch.arange(len(seqs), device="cpu"), lengths)[None]
         fwd = {"input_ids": dist.to_device(ids, device), "position_ids": dist.to_device(pos, device),
                **boundaries(pos, device)}
-        return fwd, dist.to_device(labels, device), dist.to_device(seq, device)
+        return fwd, labels, seq
     width = max(len(ids) for ids, _ in seqs)
     ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs], device="cpu")
     labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device="cpu")
     mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device="cpu")
-    seq = torch.arange(len(seqs), device=device)[:, None].expand(-1, width)
+    seq = torch.arange(len(seqs), device="cpu")[:, None].expand(-1, width)
     fwd = {"input_ids": dist.to_device(ids, device), "attention_mask": dist.to_device(mask, device)}
-    return fwd, dist.to_device(labels, device), seq
+    return fwd, labels, seq
 
 
 def dpo_loss(logps_c_M, logps_r_M, ref_c_M, ref_r_M, beta, n_pairs, label_smoothing=0.0, dpop_lambda=0.0):
@@ -326,10 +330,10 @@ def main(args):
     ref = load(args.ref_model).eval()
     used = torch.cat(plan).unique()
     ref_used = all_logps(ref, [pairs[j] for j in used.tolist()])
-    ref_chosen = torch.zeros(len(pairs), device=device)
-    ref_rejected = torch.zeros(len(pairs), device=device)
-    ref_chosen[used] = ref_used["logps_chosen"]
-    ref_rejected[used] = ref_used["logps_rejected"]
+    ref_chosen = torch.zeros(len(pairs), device="cpu")  # kept on the CPU: each step copies its pairs' over
+    ref_rejected = torch.zeros(len(pairs), device="cpu")
+    ref_chosen[used] = ref_used["logps_chosen"].cpu()
+    ref_rejected[used] = ref_used["logps_rejected"].cpu()
     eval_ref = all_logps(ref, eval_pairs)
     del ref
 
@@ -384,7 +388,7 @@ def main(args):
             seqs = [c for c, _ in batch] + [r for _, r in batch]  # chosen and rejected in one forward
             logps, lens = logps_of(model, seqs)
             logps_c, logps_r = logps.chunk(2)
-            ref_c, ref_r = ref_chosen[m], ref_rejected[m]
+            ref_c, ref_r = (dist.to_device(ref[m], device) for ref in (ref_chosen, ref_rejected))
             loss, rewards_c, rewards_r = dpo_loss(logps_c, logps_r, ref_c, ref_r, args.beta, n_pairs,
                                                   args.label_smoothing, args.dpop_lambda)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them

@@ -162,33 +162,37 @@ def label_logps(model, fwd, labels_BT, budget):
     logits), as many positions a chunk as `budget` logits allow (883 of a 152k vocabulary at 2^27; a small
     vocabulary takes a whole batch in one chunk); 0: from the model's full logits, equal up to float rounding
     (for models that post-process them, e.g. soft-capping). Run under autocast. use_cache=False: with a cache,
-    transformers ignores position_ids when masking (packed documents would leak)."""
-    labels = labels_BT[:, 1:]
-    mask = labels != IGNORE
+    transformers ignores position_ids when masking (packed documents would leak).
+    labels_BT on the CPU, as the scripts build them: the labelled positions are found there and copied over as
+    indices, so the host never waits for the GPU (selecting with a mask on the GPU would wait to learn the count)."""
+    device = fwd["input_ids"].device
+    labels = labels_BT.cpu()  # a no-op for CPU labels
+    row, t = (labels[:, 1:] != IGNORE).nonzero().unbind(-1)  # position t of a row predicts the label at t + 1
+    at_N = dist.to_device(row * labels.shape[1] + t, device)  # those positions, in the rows flattened
+    labels_N = dist.to_device(labels[row, t + 1], device)
     if not budget:
-        return token_logps(model(**fwd, use_cache=False).logits[:, :-1][mask], labels[mask])
-    none = torch.zeros(0, dtype=torch.long, device=labels.device)
+        return token_logps(model(**fwd, use_cache=False).logits.flatten(0, 1)[at_N], labels_N)
+    none = torch.zeros(0, dtype=torch.long, device=device)
     out = model(**fwd, use_cache=False, output_hidden_states=True, logits_to_keep=none)
-    h = out.hidden_states[-1][:, :-1][mask]  # the last hidden state, after the final norm
+    h = out.hidden_states[-1].flatten(0, 1)[at_N]  # the last hidden state, after the final norm
     w = model.get_output_embeddings().weight
-    return ChunkedLogps.apply(h, w, labels[mask], max(1, budget // w.shape[0]))
+    return ChunkedLogps.apply(h, w, labels_N, max(1, budget // w.shape[0]))
 
 
 def seq_logps(logps_N, labels_BT, seq_BT, n_seqs):
     """Log-probs of the labelled positions in batch order (label_logps) -> (Σ_t log π(y_t | x, y_<t) over each
-    sequence's response tokens, |y| the count of those tokens), for sequences 0..n_seqs-1 (seq_BT: collate's)."""
-    mask_BT = labels_BT[:, 1:] != IGNORE
-    if len(labels_BT) == n_seqs:  # one sequence a row (padded)
-        logps_BT = torch.zeros(mask_BT.shape, device=logps_N.device).masked_scatter(mask_BT, logps_N)
-        return logps_BT.sum(-1), mask_BT.sum(-1)
-    seq_N = seq_BT[:, 1:][mask_BT]  # logits at t predict the label at t+1, of the same sequence
+    sequence's response tokens, |y| the count of those tokens), for sequences 0..n_seqs-1. labels_BT and seq_BT
+    (the sequence each position belongs to) as collate returns them, on the CPU: no wait for the GPU."""
+    seq_N = seq_BT[:, 1:][labels_BT[:, 1:] != IGNORE]  # logits at t predict the label at t+1, of the same sequence
+    seq_N = dist.to_device(seq_N, logps_N.device)
     sums = torch.zeros(n_seqs, device=logps_N.device).index_add(0, seq_N, logps_N)
     lens = torch.zeros(n_seqs, dtype=torch.long, device=logps_N.device).index_add(0, seq_N, torch.ones_like(seq_N))
     return sums, lens
 
 
 def collate(seqs, pad_id, packing, device):
-    """Sequences (ids, labels) -> (forward kwargs, labels_BT, seq_BT: the sequence each position belongs to).
+    """Sequences (ids, labels) -> (forward kwargs on the device, labels_BT, seq_BT: the sequence each position
+    belongs to; these two on the CPU, where label_logps and seq_logps read them).
     Packed: one row of every sequence back to back, each a document of its own (position_ids restart at 0; varlen
     attention keeps them apart by their boundaries, sdpa by a mask from position_ids), so no padding is computed.
     Else right-padded rows, as long as the longest sequence.
@@ -201,14 +205,14 @@ def collate(seqs, pad_id, packing, device):
         seq = torch.repeat_interleave(torch.arange(len(seqs), device="cpu"), lengths)[None]
         fwd = {"input_ids": dist.to_device(ids, device), "position_ids": dist.to_device(pos, device),
                **boundaries(pos, device)}
-        return fwd, dist.to_device(labels, device), dist.to_device(seq, device)
+        return fwd, labels, seq
     width = max(len(ids) for ids, _ in seqs)
     ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs], device="cpu")
     labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device="cpu")
     mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device="cpu")
-    seq = torch.arange(len(seqs), device=device)[:, None].expand(-1, width)
+    seq = torch.arange(len(seqs), device="cpu")[:, None].expand(-1, width)
     fwd = {"input_ids": dist.to_device(ids, device), "attention_mask": dist.to_device(mask, device)}
-    return fwd, dist.to_device(labels, device), seq
+    return fwd, labels, seq
 
 
 def kto_loss(logps_N, ref_N, desirable_N, z_ref, beta, n_records, desirable_weight=1.0, undesirable_weight=1.0):
@@ -362,8 +366,8 @@ def main(args):
     # in one pass; then freed.
     ref = load(args.ref_model).eval()
     used = torch.cat(plan).unique()
-    ref_logps = torch.zeros(len(recs), device=device)
-    ref_logps[used] = all_logps(ref, [recs[j][0] for j in used.tolist()])
+    ref_logps = torch.zeros(len(recs), device="cpu")  # kept on the CPU: each step copies its records' over
+    ref_logps[used] = all_logps(ref, [recs[j][0] for j in used.tolist()]).cpu()
     kl_ref = all_logps(ref, [seq for kl in kl_plan for seq in kl]).view(total_steps, G)
     eval_seqs = [c for c, _ in eval_pairs] + [r for _, r in eval_pairs]
     eval_ref = all_logps(ref, eval_seqs)
@@ -411,12 +415,12 @@ def main(args):
         firsts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this rank's micro-batches
         micro = [slice(first, first + args.batch_size) for first in firsts]
         n_records = G  # N of the equation: every record of the global batch counts once
-        kl_sum = 0.0  # z_ref: the mean log-ratio of the global batch's mismatched pairs, no gradient
+        kl_sum = torch.zeros((), device=device)  # z_ref: the mean log-ratio of the global batch's mismatched pairs
         with torch.no_grad():
             for m in micro:
                 kl_logps, _ = logps_of(model, kl_plan[step][m])
-                kl_sum += (kl_logps - kl_ref[step, m]).sum().item()
-        z_ref = max(dist.all_sum(kl_sum).item() / G, 0.0)
+                kl_sum += (kl_logps - kl_ref[step, m]).sum()
+        z_ref = (dist.all_sum(kl_sum) / G).clamp(min=0)  # on the device, no gradient: the host does not wait here
         loss_sum, sums = torch.zeros((), device=device), dist.Sums(device)  # this step's metrics, summed over records
         for i, m in enumerate(micro):
             if world > 1:
@@ -424,16 +428,16 @@ def main(args):
             batch = [recs[j] for j in idx[m].tolist()]
             seqs = [seq for seq, _, _, _ in batch]
             logps, lens = logps_of(model, seqs)
-            good = torch.tensor([d for _, d, _, _ in batch], device=device)
-            ref = ref_logps[idx[m]]
+            good = dist.to_device(torch.tensor([d for _, d, _, _ in batch], device="cpu"), device)
+            ref = dist.to_device(ref_logps[idx[m]], device)
             loss, rewards = kto_loss(logps, ref, good, z_ref, args.beta, n_records,
                                      args.desirable_weight, args.undesirable_weight)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
             loss_sum += loss.detach()  # kept on the device: the host reads it when the step logs or saves
-            bad = ~good
-            sums.add({"logps/chosen": logps.detach()[good].sum(), "logps/rejected": logps.detach()[bad].sum(),
-                      "logps/ref_chosen": ref[good].sum(), "logps/ref_rejected": ref[bad].sum(),
-                      "rewards/chosen": rewards[good].sum(), "rewards/rejected": rewards[bad].sum(),
+            bad = ~good  # the sides' sums as products with the flags: selecting by a mask would make the host wait
+            sums.add({"logps/chosen": (logps.detach() * good).sum(), "logps/rejected": (logps.detach() * bad).sum(),
+                      "logps/ref_chosen": (ref * good).sum(), "logps/ref_rejected": (ref * bad).sum(),
+                      "rewards/chosen": (rewards * good).sum(), "rewards/rejected": (rewards * bad).sum(),
                       "desirable": good.sum(), "undesirable": bad.sum()})
             tokens += sum(len(ids) for ids, _ in seqs)
         gnorm = dist.clip_grads(model, args.max_grad_norm)  # a tensor on the device: no host sync
@@ -460,7 +464,7 @@ def main(args):
             eval_now = (args.eval_every and done % args.eval_every == 0) or done == total_steps
             extra = evaluate() if eval_now else {}
             metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm.item(), tokens_per_s=tps,
-                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **per_record, kl=z_ref, **extra)
+                        peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **per_record, kl=z_ref.item(), **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)

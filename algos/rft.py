@@ -183,16 +183,21 @@ def label_logps(model, fwd, labels_BT, budget):
     logits), as many positions a chunk as `budget` logits allow (883 of a 152k vocabulary at 2^27; a small
     vocabulary takes a whole batch in one chunk); 0: from the model's full logits, equal up to float rounding
     (for models that post-process them, e.g. soft-capping). Run under autocast. use_cache=False: with a cache,
-    transformers ignores position_ids when masking (packed documents would leak)."""
-    labels = labels_BT[:, 1:]
-    mask = labels != IGNORE
+    transformers ignores position_ids when masking (packed documents would leak).
+    labels_BT on the CPU, as the scripts build them: the labelled positions are found there and copied over as
+    indices, so the host never waits for the GPU (selecting with a mask on the GPU would wait to learn the count)."""
+    device = fwd["input_ids"].device
+    labels = labels_BT.cpu()  # a no-op for CPU labels
+    row, t = (labels[:, 1:] != IGNORE).nonzero().unbind(-1)  # position t of a row predicts the label at t + 1
+    at_N = dist.to_device(row * labels.shape[1] + t, device)  # those positions, in the rows flattened
+    labels_N = dist.to_device(labels[row, t + 1], device)
     if not budget:
-        return token_logps(model(**fwd, use_cache=False).logits[:, :-1][mask], labels[mask])
-    none = torch.zeros(0, dtype=torch.long, device=labels.device)
+        return token_logps(model(**fwd, use_cache=False).logits.flatten(0, 1)[at_N], labels_N)
+    none = torch.zeros(0, dtype=torch.long, device=device)
     out = model(**fwd, use_cache=False, output_hidden_states=True, logits_to_keep=none)
-    h = out.hidden_states[-1][:, :-1][mask]  # the last hidden state, after the final norm
+    h = out.hidden_states[-1].flatten(0, 1)[at_N]  # the last hidden state, after the final norm
     w = model.get_output_embeddings().weight
-    return ChunkedLogps.apply(h, w, labels[mask], max(1, budget // w.shape[0]))
+    return ChunkedLogps.apply(h, w, labels_N, max(1, budget // w.shape[0]))
 
 
 @torch.no_grad()
@@ -414,15 +419,16 @@ def main(args):
             idx_step = stream[step * GB:(step + 1) * GB]
             starts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this process's share
             micro = [idx_step[j:j + args.batch_size] for j in starts]
-            batches = [{key: v.to(device) for key, v in pad([docs[i] for i in m], tok.pad_token_id).items()}
-                       for m in micro]  # right-padded (prompt + completion) rows, labels on the completion
-            n_labels = sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)
+            # right-padded (prompt + completion) rows, labels on the completion; built and kept on the CPU, where
+            # label_logps reads the labels, and the forward's inputs copied over
+            batches = [pad([docs[i] for i in m], tok.pad_token_id) for m in micro]
+            n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
             n_tokens = dist.all_sum(n_labels).item()  # N of the equation: completion tokens of the global batch
             loss_sum = 0.0
             for i, b in enumerate(batches):
                 if world > 1:
                     model.set_requires_gradient_sync(i == len(batches) - 1)
-                fwd = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+                fwd = {k: dist.to_device(b[k], device) for k in ("input_ids", "attention_mask")}
                 with dist.autocast(device):
                     logps = label_logps(model, fwd, b["labels"], dist.logits_budget(args.loss_chunk, device))
                 loss = -logps.sum() / max(n_tokens, 1)  # sft_loss, from the labelled positions' log-probabilities

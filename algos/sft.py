@@ -144,16 +144,21 @@ def label_logps(model, fwd, labels_BT, budget):
     logits), as many positions a chunk as `budget` logits allow (883 of a 152k vocabulary at 2^27; a small
     vocabulary takes a whole batch in one chunk); 0: from the model's full logits, equal up to float rounding
     (for models that post-process them, e.g. soft-capping). Run under autocast. use_cache=False: with a cache,
-    transformers ignores position_ids when masking (packed documents would leak)."""
-    labels = labels_BT[:, 1:]
-    mask = labels != IGNORE
+    transformers ignores position_ids when masking (packed documents would leak).
+    labels_BT on the CPU, as the scripts build them: the labelled positions are found there and copied over as
+    indices, so the host never waits for the GPU (selecting with a mask on the GPU would wait to learn the count)."""
+    device = fwd["input_ids"].device
+    labels = labels_BT.cpu()  # a no-op for CPU labels
+    row, t = (labels[:, 1:] != IGNORE).nonzero().unbind(-1)  # position t of a row predicts the label at t + 1
+    at_N = dist.to_device(row * labels.shape[1] + t, device)  # those positions, in the rows flattened
+    labels_N = dist.to_device(labels[row, t + 1], device)
     if not budget:
-        return token_logps(model(**fwd, use_cache=False).logits[:, :-1][mask], labels[mask])
-    none = torch.zeros(0, dtype=torch.long, device=labels.device)
+        return token_logps(model(**fwd, use_cache=False).logits.flatten(0, 1)[at_N], labels_N)
+    none = torch.zeros(0, dtype=torch.long, device=device)
     out = model(**fwd, use_cache=False, output_hidden_states=True, logits_to_keep=none)
-    h = out.hidden_states[-1][:, :-1][mask]  # the last hidden state, after the final norm
+    h = out.hidden_states[-1].flatten(0, 1)[at_N]  # the last hidden state, after the final norm
     w = model.get_output_embeddings().weight
-    return ChunkedLogps.apply(h, w, labels[mask], max(1, budget // w.shape[0]))
+    return ChunkedLogps.apply(h, w, labels_N, max(1, budget // w.shape[0]))
 
 
 def sft_loss(logits_BTV, labels_BT, n_tokens):
@@ -244,8 +249,9 @@ def main(args):
         say(f"resumed from {ckpt} at step {start}")
 
     def batch_of(idx):
-        """Rows idx -> tensors on device: packed rows (position_ids and document boundaries, no attention mask)
-        or a padded batch (attention mask); with their counts of labels and real tokens, taken on the CPU."""
+        """Rows idx -> the forward's tensors on device (packed rows: position_ids and document boundaries, no
+        attention mask; a padded batch: its attention mask) and the labels on the CPU, where label_logps reads
+        them; with their counts of labels and real tokens, taken on the CPU."""
         if args.packing:
             b = {k: rows[k][idx] for k in ("input_ids", "labels", "position_ids", "n_real")}
             # cu_seq_lens and max_length, from the CPU position_ids: flash-attn and varlen attention keep the
@@ -255,7 +261,7 @@ def main(args):
             b = pad([docs[i] for i in idx.tolist()], tok.pad_token_id)
             b["n_real"], extra = b["attention_mask"].sum(-1), {}
         counts = {"n_labels": int((b["labels"][:, 1:] != IGNORE).sum()), "n_real": int(b.pop("n_real").sum())}
-        return {**{k: dist.to_device(v, device) for k, v in b.items()}, **extra}, counts
+        return {**{k: v if k == "labels" else dist.to_device(v, device) for k, v in b.items()}, **extra}, counts
 
     def evaluate():
         """{} without an eval set; else eval/accuracy (greedy exact match) or eval/loss (per assistant token)."""

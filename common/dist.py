@@ -113,7 +113,11 @@ class Sums:
 
     def add(self, named):
         for name, x in named.items():
-            x = torch.as_tensor(x).detach().to(self.device, torch.float64)
+            if isinstance(x, torch.Tensor):  # a CPU tensor is copied asynchronously, as every input of the step
+                x = x.detach()
+                x = (to_device(x, self.device) if x.device.type == "cpu" else x).to(torch.float64)
+            else:  # a number is filled in on the device (a blocking copy of it would make the host wait)
+                x = torch.full((), x, dtype=torch.float64, device=self.device)
             self.values[name] = self.values[name] + x if name in self.values else x
 
     def reduce(self):
@@ -127,12 +131,15 @@ class Sums:
 
 
 def all_sum(x):
-    """Sum of a float tensor (or number) over processes."""
+    """Sum of a tensor (or number) over processes, in float64 and on the tensor's device (a number's: the CPU), so
+    a sum kept on the GPU is not waited for until the host reads it."""
     x = torch.as_tensor(x, dtype=torch.float64).clone()
     if tdist.is_initialized():
-        x = x.to("cuda") if torch.cuda.is_available() else x
+        where = x.device
+        x = x.to("cuda") if torch.cuda.is_available() else x  # NCCL reduces CUDA tensors only
         tdist.all_reduce(x)
-    return x.cpu()
+        x = x.to(where)
+    return x
 
 
 def logits_budget(loss_chunk, device):

@@ -278,8 +278,7 @@ def profiles(d, parts=("decode", "sft"), decode_attn=("sdpa",)):
             fwd = {k: dist.to_device(rows[k][idx], device) for k in ("input_ids", "position_ids")}
             fwd.update(packing.boundaries(rows["position_ids"][idx], device))
             with dist.autocast(device):
-                logps = sft.label_logps(model, fwd, dist.to_device(rows["labels"][idx], device),
-                                        dist.logits_budget(-1, device))
+                logps = sft.label_logps(model, fwd, rows["labels"][idx], dist.logits_budget(-1, device))
             (-logps.sum() / len(logps)).backward()
             dist.clip_grads(model, 1.0)
             opt.step()

@@ -67,3 +67,57 @@ def test_cache_keyword_is_one_this_transformers_knows(model):
     import inspect
     (name,) = dist.cache_kwarg(model, None)
     assert name in inspect.signature(type(model).forward).parameters
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the host waits for a GPU only where there is one")
+def test_a_training_step_waits_for_the_gpu_no_more_than_the_models_forward(tok, base):
+    """dpo's step (collate, chunked log-probs, the loss, backward, clipping, the fused AdamW update, named sums), which
+    sft's and the other preference scripts' share, makes the host wait for the GPU no more often than the model's
+    forward alone does (transformers checks packed position_ids on the host, once a forward). Each wait empties the
+    GPU's queue: the host can no longer run ahead of it."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from algos import dpo
+    from common.template import encode_response
+    device = torch.device("cuda")
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation=dist.attn_impl(device)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    chats = (("What is 1+2?", "1+2=3"), ("What is 40+2?", "40+2=42"), ("What is 9-8?", "2"), ("What is 7+7?", "15"))
+    seqs = [encode_response(tok, [{"role": "user", "content": q}], [{"role": "assistant", "content": a}])
+            for q, a in chats]  # pairs (0, 2) and (1, 3): chosen first, as dpo.py orders a micro-batch
+    ref = torch.tensor([-3.0, -4.0, -5.0, -6.0], device="cpu")  # as dpo.py keeps the reference log-probs
+    packed = dist.attn_impl(device) != "sdpa"
+
+    def forward():
+        fwd, _, _ = dpo.collate(seqs, tok.pad_token_id, packed, device)
+        with torch.no_grad(), dist.autocast(device):
+            model(**fwd, use_cache=False)
+
+    def step():
+        fwd, labels, seq = dpo.collate(seqs, tok.pad_token_id, packed, device)
+        with dist.autocast(device):
+            logps_N = dpo.label_logps(model, fwd, labels, 16 * model.config.vocab_size)
+        (logps_c, logps_r), _ = (x.chunk(2) for x in dpo.seq_logps(logps_N, labels, seq, len(seqs)))
+        ref_c, ref_r = dist.to_device(ref, device).chunk(2)
+        loss, rewards_c, rewards_r = dpo.dpo_loss(logps_c, logps_r, ref_c, ref_r, 0.1, 2)
+        loss.backward()
+        dist.clip_grads(model, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dist.Sums(device).add({"loss": loss.detach(), "pairs": 2, "right": (rewards_c > rewards_r).sum()})
+
+    def waits(fn):
+        fn()  # first calls (lazy initialisation, compiling the chunk arithmetic) are not counted
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return [str(w.message)[:120] for w in caught if "synchroniz" in str(w.message)]
+
+    assert len(waits(step)) <= len(waits(forward)), waits(step)

@@ -9,7 +9,10 @@
    MFU against 989 TFLOP/s dense bf16), DPO pairs/s, and GRPO seconds per step for 64 completions of 256 new tokens.
 4. With `--trl DIR`: Hugging Face TRL on the same model, data and batch, timed by DIR/trl_side.py (TRL installed from
    DIR/wheels when missing), and the ratio of ours to it.
+5. With `--profile`: where the time of a GRPO decode, a packed SFT step and a DPO step goes (torch.profiler).
 `--small`: the same steps on a tiny model and short runs, to check the plumbing on a machine without a GPU.
+`--deadline S`: a run or part that would start after S seconds is skipped and listed as skipped, so one call fits
+a lent machine's time; the parts run in the order above, the headline throughput rows before TRL and the rest.
 Logs go to $GPU_OUT (default /tmp/gpu_check); each table is printed as it is measured.
 """
 import glob
@@ -86,11 +89,12 @@ SFT_ROWS, SFT_LEN, N_STEPS = (2, 512, 6) if SMALL else (4, 4096, 12)
 PACKED = ["--max_len", SFT_LEN, "--batch_size", SFT_ROWS]
 GRPO = ["--batch_size", 2 if SMALL else 8, "--group_size", 8, "--max_new_tokens", 32 if SMALL else 256,
         "--max_len", 512]
+DPO = ["--max_len", 256 if SMALL else 1024, "--batch_size", 8]
 GRPO_ROWS = f"{2 if SMALL else 8} prompts x 8 completions"
 RUNS = [  # (name, script, its arguments, the settings as the table shows them), the headline runs first
     ("sft packed", "sft", PACKED, f"rows of {SFT_ROWS} x {SFT_LEN}, compiled (the default on CUDA)"),
     ("sft packed, eager", "sft", [*PACKED, "--compile", "false"], f"rows of {SFT_ROWS} x {SFT_LEN}, --compile false"),
-    ("dpo", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8], "8 pairs a step, packed, compiled"),
+    ("dpo", "dpo", DPO, "8 pairs a step, packed, compiled"),
     ("grpo", "grpo", GRPO, GRPO_ROWS),
     ("sft packed, full logits", "sft", [*PACKED, "--loss_chunk", 0], f"rows of {SFT_ROWS} x {SFT_LEN}, --loss_chunk 0"),
     ("grpo, dynamic cache", "grpo", [*GRPO, "--static_cache", "false"], f"{GRPO_ROWS}, --static_cache false"),
@@ -99,12 +103,17 @@ RUNS = [  # (name, script, its arguments, the settings as the table shows them),
      f"rows of {SFT_ROWS} x {SFT_LEN}, --gradient_checkpointing"),
     ("sft padded", "sft", ["--max_len", SFT_LEN, "--batch_size", 2 * SFT_ROWS, "--packing", "false"],
      f"{2 * SFT_ROWS} chats a batch, max_len {SFT_LEN}"),
-    ("dpo, eager", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8, "--compile", "false"],
-     "8 pairs a step, packed, --compile false"),
-    ("dpo padded", "dpo", ["--max_len", 256 if SMALL else 1024, "--batch_size", 8, "--packing", "false"],
-     "8 pairs a step, --packing false"),
+    ("dpo, eager", "dpo", [*DPO, "--compile", "false"], "8 pairs a step, packed, --compile false"),
+    ("dpo padded", "dpo", [*DPO, "--packing", "false"], "8 pairs a step, --packing false"),
 ]
 N_HEADLINE = 4  # TRL's side runs after these, before the rest
+T0 = time.time()
+DEADLINE = T0 + float(sys.argv[sys.argv.index("--deadline") + 1]) if "--deadline" in sys.argv else float("inf")
+
+
+def too_late(seconds):
+    """True when a part of about `seconds` would end after --deadline; the caller skips it and says so."""
+    return time.time() + seconds > DEADLINE
 
 
 def make_big(d):
@@ -174,6 +183,9 @@ def throughput(d, runs, n_params, header=True):
     q05, rows = f"{d}/q05", {}
     common = ["--model", q05, "--save_every", 0, "--eval_every", 0]
     for name, algo, settings, described in runs:
+        if too_late(60):
+            print(f"| {name} | {described} | skipped (--deadline) | | |", flush=True)
+            continue
         if algo == "sft":
             every = N_STEPS // 2  # the first half untimed: compiling (the default on CUDA) and warming up
             extra = ["--data", f"{d}/chats.jsonl", "--max_steps", N_STEPS, "--log_every", every]
@@ -241,13 +253,14 @@ def profiled(fn, n, units, what, warm=1):
     return {"wall_s": wall, "busy_s": busy, "launches": launches, "kinds": kinds}
 
 
-def profiles(d, parts=("decode", "sft"), decode_attn=("sdpa",)):
-    """--profile: where a GRPO decode's and a packed SFT step's time goes on the 0.5B shape; the decode with each
+def profiles(d, parts=("decode", "sft", "dpo"), decode_attn=("sdpa",)):
+    """--profile: where a GRPO decode's, a packed SFT step's and a DPO step's time goes on the 0.5B shape (the steps
+    eager and compiled); the decode with each
     attention implementation of decode_attn ("eager": transformers' matrix-product attention, where sdpa's kernels
     are built for many queries and a decode step has one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from algos import grpo, sft
+    from algos import dpo, grpo, sft
     from common import dist, packing
     device, q05, found = torch.device(DEVICE), f"{d}/q05", {}
     tok = AutoTokenizer.from_pretrained(q05)
@@ -266,12 +279,10 @@ def profiles(d, parts=("decode", "sft"), decode_attn=("sdpa",)):
             found[f"decode_{attn}"] = profiled(decode, 1, n_new, f"GRPO sampling, {len(prompts)} prompts x {G} x "
                                                f"{n_new} new tokens, bf16 copy and fixed-size cache, {attn} attention")
             del sampler
+    steps, step_no = {}, iter(range(10 ** 6))
     if "sft" in parts:
         args = sft.parse_args(["--model", q05, "--data", f"{d}/chats.jsonl", *map(str, PACKED)])
         rows = packing.pack(sft.load_docs(args.data, tok, args)[0], SFT_LEN, tok.pad_token_id)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        step_no = iter(range(10 ** 6))
 
         def sft_step():  # sft.py's step, without its logging
             idx = torch.arange(SFT_ROWS) + SFT_ROWS * (next(step_no) % (len(rows["input_ids"]) // SFT_ROWS))
@@ -279,15 +290,40 @@ def profiles(d, parts=("decode", "sft"), decode_attn=("sdpa",)):
             fwd.update(packing.boundaries(rows["position_ids"][idx], device))
             with dist.autocast(device):
                 logps = sft.label_logps(model, fwd, rows["labels"][idx], dist.logits_budget(-1, device))
-            (-logps.sum() / len(logps)).backward()
+            return -logps.sum() / len(logps)
+
+        steps[f"SFT packed step, rows of {SFT_ROWS} x {SFT_LEN}"] = ("sft", sft_step)
+    if "dpo" in parts:
+        args = dpo.parse_args(["--max_len", str(DPO[1])])
+        pairs = dpo.load_pairs(f"{d}/pairs.jsonl", tok, args)[0]
+        packed, zeros = dist.attn_impl(device) != "sdpa", torch.zeros(8, device=device)
+
+        def dpo_step():  # dpo.py's step on 8 pairs, without its logging; zeros stand in for the reference log-probs
+            batch = [pairs[(8 * next(step_no) + j) % len(pairs)] for j in range(8)]
+            seqs = [c for c, _ in batch] + [r for _, r in batch]
+            fwd, labels, seq = dpo.collate(seqs, tok.pad_token_id, packed, device)
+            with dist.autocast(device):
+                logps_N = dpo.label_logps(model, fwd, labels, dist.logits_budget(-1, device))
+            logps_c, logps_r = dpo.seq_logps(logps_N, labels, seq, len(seqs))[0].chunk(2)
+            return dpo.dpo_loss(logps_c, logps_r, zeros, zeros, 0.1, 8)[0]
+
+        steps["DPO packed step, 8 pairs"] = ("dpo", dpo_step)
+    if steps:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEVICE == "cuda")  # as the scripts' on CUDA
+
+        def train(loss_fn):
+            loss_fn().backward()
             dist.clip_grads(model, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        what = f"SFT packed step, rows of {SFT_ROWS} x {SFT_LEN}"
-        found["sft_eager"] = profiled(sft_step, 3, 1, f"{what}, eager")
-        dist.compile_layers(model)
-        found["sft_compiled"] = profiled(sft_step, 3, 1, f"{what}, compiled (the default on CUDA)", warm=3)
+        for mode in ("eager", "compiled"):  # compiled: the default on CUDA
+            if mode == "compiled":
+                dist.compile_layers(model)
+            for what, (tag, loss_fn) in steps.items():
+                found[f"{tag}_{mode}"] = profiled(lambda: train(loss_fn), 3, 1, f"{what}, {mode}",
+                                                  warm=1 if mode == "eager" else 3)
     return found
 
 
@@ -311,6 +347,9 @@ def trl_side(d, helper, ours, names=("sft packed", "dpo", "grpo")):
           "| run | TRL | peak GB | ours / TRL |\n|---|---|---|---|", flush=True)
     results = {}
     for name, args, key in [r for r in runs if r[0] in names]:
+        if too_late(90):
+            print(f"| {name} | skipped (--deadline) | | |", flush=True)
+            continue
         with open(os.path.join(OUT, f"trl_{args[0]}.log"), "w") as log:
             p = subprocess.run([sys.executable, os.path.join(helper, "trl_side.py"), *map(str, args)], cwd=ROOT,
                                env=env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=300)
@@ -335,7 +374,7 @@ def main():
     import transformers
 
     from common import dist
-    t0 = time.time()
+    t0 = T0
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "no GPU (CPU)"
     env = (f"{name} | torch {torch.__version__} | transformers {transformers.__version__} | "
            f"training attention: {dist.attn_impl(torch.device(DEVICE))}")
@@ -356,15 +395,25 @@ def main():
     print(f"({time.time() - t0:.0f} s)", flush=True)
     big = os.path.join(OUT, "big")
     n_params = make_big(big)
-    prof = profiles(big) if "--profile" in sys.argv else {}
+    found = {"env": env, "tests": tests_line, "smoke": smoke_results}
+
+    def save(**part):  # gpu.json after every part, so a call cut short keeps what it measured
+        found.update(part)
+        with open(os.path.join(OUT, "gpu.json"), "w") as f:
+            json.dump(found, f, indent=1)
+
     tp = throughput(big, RUNS[:N_HEADLINE], n_params)
+    save(throughput=tp)
     helper = sys.argv[sys.argv.index("--trl") + 1] if "--trl" in sys.argv else ""
-    trl = trl_side(big, os.path.abspath(helper), tp) if helper else {}
+    save(trl=trl_side(big, os.path.abspath(helper), tp) if helper else {})
     print(f"({time.time() - t0:.0f} s)", flush=True)
     tp.update(throughput(big, RUNS[N_HEADLINE:], n_params, header=False))
-    with open(os.path.join(OUT, "gpu.json"), "w") as f:
-        json.dump({"env": env, "tests": tests_line, "smoke": smoke_results, "throughput": tp, "trl": trl,
-                   "profile": prof}, f, indent=1)
+    save(throughput=tp)
+    if "--profile" in sys.argv:
+        if too_late(150):
+            print("\nprofiles: skipped (--deadline)", flush=True)
+        else:
+            save(profile=profiles(big))
     print(f"\ntotal {time.time() - t0:.0f} s")
     failed = [t for t, (ok, _, _) in smoke_results.items() if not ok]
     sys.exit(1 if failed or " failed" in tests_line or any("error" in r for r in tp.values()) else 0)

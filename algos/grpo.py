@@ -65,7 +65,8 @@ class Args:
     clip_eps_high: float = 0.0  # ε_high (DAPO's clip-higher); 0: same as clip_eps
     scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
     loss_agg: str = "token"  # token: Σ ℓ / global token count | sequence: mean of the per-sequence token means
-    share_prompt: bool = True  # log-prob forwards compute each prompt once for its group (see group_rows)
+    share_prompt: str = "auto"  # log-prob forwards compute each prompt once for its group (group_rows): true|false|auto
+    # (auto: where it saves compute by sharing_pays' count, from the data's mean prompt length and max_new_tokens)
     num_iterations: int = 1  # μ: optimizer steps on each sampled batch, against its stored old log-probs
     lr: float = 2e-4  # learning rate (AdamW), constant after warmup
     weight_decay: float = 0.0  # AdamW weight decay
@@ -135,7 +136,7 @@ def group_rows(prompts, comp_NC, G, pad_id, share_prompt=True):
     share_prompt: one row per prompt, the prompt once and then its G completions; under the 4D mask completion j
     sees the prompt and its own earlier tokens only, positions continue from the prompt: each completion gets its own
     row's logits, the prompt is computed once, not G times (the dense L x L mask costs more than it saves when
-    completions are much longer than prompts)."""
+    completions are long beside prompts: see sharing_pays)."""
     C, dev, W = comp_NC.shape[1], comp_NC.device, max(map(len, prompts))
     lens_B = torch.tensor([len(p) for p in prompts], device=dev)
     pad_BW = torch.arange(W, device=dev) < W - lens_B[:, None]
@@ -158,6 +159,22 @@ def group_rows(prompts, comp_NC, G, pad_id, share_prompt=True):
     keep_K = W + torch.arange(G * C, device=dev) - 1
     keep_K[::C] = W - 1  # token 0 of every completion is predicted by the last prompt token
     return ids_BL, pos_BL, mask_BLL[:, None], keep_K
+
+def sharing_pays(cfg, W, C, G):
+    """Whether group_rows' shared-prompt layout should take less compute than a row per completion, by forward FLOPs:
+    a token costs 2p through a layer's weights (p: their count) and a (query, key) pair 4d in its attention (d: the
+    query width), every pair of a masked row counted (sdpa computes the masked pairs too). Sharing computes each
+    prompt (W tokens) once instead of G times, but attends over rows of G completions (C tokens each): it pays where
+    prompts are long beside completions. On a CPU the count matched the measured time within about 20% (README), so
+    sharing must save a fifth by it."""
+    cfg = cfg.get_text_config()
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    d, d_kv = heads * head_dim, (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+    p = 2 * h * d + 2 * h * d_kv + 3 * h * (getattr(cfg, "intermediate_size", None) or 4 * h)  # q o k v, gated MLP
+    pair = 4 * d / (2 * p)  # a (query, key) pair's cost, in tokens' costs
+    shared, own = W + G * C, W + C
+    return shared + pair * shared ** 2 < 0.8 * G * (own + pair * own ** 2)
 
 
 def completion_logps(model, rows, C, temperature, device):
@@ -255,6 +272,8 @@ def main(args):
         data.fail("--kl_placement must be loss|reward")
     if args.group_size < 2:
         data.fail("--group_size must be at least 2 (the advantage compares samples of the same prompt)")
+    if args.share_prompt not in ("auto", "true", "false"):
+        data.fail("--share_prompt must be auto|true|false")
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
     try:
@@ -276,10 +295,17 @@ def main(args):
     # Models: the policy, and a frozen reference when β > 0. Dropout is off: every dropout rate is 0 and forwards run
     # in eval mode (the update in train mode under --gradient_checkpointing, the same function as dropout is 0), so
     # old, current and reference log-probs compare the same deterministic function (TRL #744).
+    share = None if args.share_prompt == "auto" else args.share_prompt == "true"  # auto: decided as the policy loads
+
     def load(path):  # the shared-prompt layout's 4D mask needs sdpa: flash-attn's varlen kernels cannot express it
-        attn_impl = "sdpa" if args.share_prompt else dist.attn_impl(device)
+        nonlocal share
         try:
             cfg = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+            if share is None:  # the policy's config, the first loaded
+                W = sum(len(r["ids"]) for r in prompts) / len(prompts)
+                share = sharing_pays(cfg, W, args.max_new_tokens, args.group_size)
+                say(f"--share_prompt auto: {share} (mean prompt {W:.0f} tokens, {args.max_new_tokens} new tokens)")
+            attn_impl = "sdpa" if share else dist.attn_impl(device)
             for c in (cfg, cfg.get_text_config()):  # attention dropout is often a config rate, not a module
                 c.update({k: 0.0 for k, v in c.to_dict().items() if "dropout" in k and isinstance(v, float)})
             m = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch.float32,
@@ -329,7 +355,7 @@ def main(args):
         timing["generate"] += time.time() - t_gen
         answers = [r["answer"] for r in recs for _ in range(args.group_size)]
         rewards = torch.tensor([toy.verify(t, a) for t, a in zip(texts, answers)], device=device)
-        rows = group_rows(prompt_ids, comp, args.group_size, tok.pad_token_id, args.share_prompt)
+        rows = group_rows(prompt_ids, comp, args.group_size, tok.pad_token_id, share)
         C = comp.shape[1]
         with torch.no_grad():
             ref_logps = completion_logps(ref, rows, C, args.temperature, device)[0] if ref is not None else None

@@ -212,6 +212,30 @@ def test_bf16_sampler_is_the_policy_in_bf16(sft):
         assert inspect.getsource(module.bf16_sampler) == inspect.getsource(bf16_sampler), name
 
 
+def test_prompt_sharing_pays_by_the_flop_count(base):
+    """sharing_pays on the Qwen2-0.5B shape, against the count done by hand. A layer's weights per token:
+    q, o 896·896 each, k, v 896·128 each (2 KV heads of 64), the gated MLP 3·896·4864: p = 14,909,440; a
+    (query, key) pair costs 4·896 FLOPs to a token's 2p, so pair = 3584 / 29,818,880 = 1.2019e-4 tokens.
+    W = 50, C = 256, G = 8: shared 2098 + 1.2019e-4·2098² = 2627.0 against a row each 8·(306 + 1.2019e-4·306²)
+    = 2538.0, times 0.8 = 2030.4: no. W = 200, C = 128: shared 1224 + 180.1 = 1404.1 against 0.8·8·(328 + 12.9)
+    = 2182.0: yes. At W = 200 the two sides meet between C = 296 (3360.6 against 3363.6) and 297 (3373.6 against
+    3370.8). The embedded task (a 2-layer model, prompts of about 32 tokens, 12 new tokens): yes, so its
+    runs keep the layout their tests were calibrated on."""
+    import inspect
+
+    from transformers import AutoConfig, Qwen2Config
+
+    from algos import grpo, remax, rloo
+    q05 = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                      num_key_value_heads=2)
+    assert not grpo.sharing_pays(q05, 50, 256, 8)
+    assert grpo.sharing_pays(q05, 200, 128, 8)
+    assert grpo.sharing_pays(q05, 200, 296, 8) and not grpo.sharing_pays(q05, 200, 297, 8)
+    assert grpo.sharing_pays(AutoConfig.from_pretrained(base), 32, 12, 8)
+    for module in (rloo, remax):  # copied, not re-derived
+        assert inspect.getsource(module.sharing_pays) == inspect.getsource(grpo.sharing_pays)
+
+
 @pytest.mark.parametrize("share_prompt", [True, False])
 def test_batched_logps_match_one_row_each(sft, share_prompt):
     """Sampled groups, laid out with the prompt shared by its group (4D mask) or one padded row each, against one

@@ -144,7 +144,7 @@ class ChunkedLogps(torch.autograd.Function):
             h = h_NH[i:i + chunk].to(dtype)
             g = grad_logits(h @ w.T, lse_N[i:i + chunk], labels_N[i:i + chunk], grad_N[i:i + chunk])  # ∂L/∂logits
             grad_h[i:i + chunk] = g @ w
-            grad_w += (g.T @ h).float()
+            grad_w += g.T @ h  # upcast inside the in-place add: no fp32 copy of the (V, H) product
         return grad_h, grad_w.to(w_VH.dtype), None, None
 
 

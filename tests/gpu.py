@@ -11,8 +11,10 @@
    DIR/wheels when missing), and the ratio of ours to it.
 5. With `--profile`: where the time of a GRPO decode, a packed SFT step and a DPO step goes (torch.profiler).
 `--small`: the same steps on a tiny model and short runs, to check the plumbing on a machine without a GPU.
-`--deadline S`: a run or part that would start after S seconds is skipped and listed as skipped, so one call fits
-a lent machine's time; the parts run in the order above, the headline throughput rows before TRL and the rest.
+`--deadline S`: a run or part that would end after S seconds is skipped and listed as skipped, so one call fits a
+lent machine's time. `--parts smoke,headline,trl,rest,profile` (the default, without profile unless `--profile`)
+names the parts to run, in the order given: the reference tests with the smoke runs (1, 2), the four headline
+throughput rows, TRL's side (4), the other rows, the profiles (5).
 Logs go to $GPU_OUT (default /tmp/gpu_check); each table is printed as it is measured.
 """
 import glob
@@ -374,50 +376,56 @@ def main():
     import transformers
 
     from common import dist
-    t0 = T0
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "no GPU (CPU)"
     env = (f"{name} | torch {torch.__version__} | transformers {transformers.__version__} | "
            f"training attention: {dist.attn_impl(torch.device(DEVICE))}")
     print(f"## ./run.sh gpu: {env}", flush=True)
-    # the reference tests in the background, beside the smoke runs (both leave the GPU mostly idle)
-    log = open(os.path.join(OUT, "tests.log"), "w")
-    tests = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAST_TESTS], cwd=ROOT,
-                             stdout=log, stderr=subprocess.STDOUT)
-    smoke_results = smoke()
-    tests.wait()
-    log.close()
-    with open(os.path.join(OUT, "tests.log")) as log:
-        tests_line = [ln.strip() for ln in log if ln.strip()][-1]
-    print(f"\nreference tests (incl. packed = per-document logits per attention path): {tests_line}", flush=True)
-    print("\n| algorithm | on CUDA | seconds | error |\n|---|---|---|---|")
-    for tag, (ok, seconds, error) in smoke_results.items():
-        print(f"| {tag} | {'ok' if ok else 'FAILED'} | {seconds:.0f} | {error} |")
-    print(f"({time.time() - t0:.0f} s)", flush=True)
+    helper = sys.argv[sys.argv.index("--trl") + 1] if "--trl" in sys.argv else ""
+    parts = (sys.argv[sys.argv.index("--parts") + 1].split(",") if "--parts" in sys.argv else
+             ["smoke", "headline", "trl", "rest"] + ["profile"] * ("--profile" in sys.argv))
+    unknown = set(parts) - {"smoke", "headline", "trl", "rest", "profile"}
+    if unknown:
+        sys.exit(f"error: --parts takes smoke, headline, trl, rest, profile; got {', '.join(sorted(unknown))}")
+    found, failed = {"env": env}, False
     big = os.path.join(OUT, "big")
-    n_params = make_big(big)
-    found = {"env": env, "tests": tests_line, "smoke": smoke_results}
 
     def save(**part):  # gpu.json after every part, so a call cut short keeps what it measured
         found.update(part)
         with open(os.path.join(OUT, "gpu.json"), "w") as f:
             json.dump(found, f, indent=1)
 
-    tp = throughput(big, RUNS[:N_HEADLINE], n_params)
-    save(throughput=tp)
-    helper = sys.argv[sys.argv.index("--trl") + 1] if "--trl" in sys.argv else ""
-    save(trl=trl_side(big, os.path.abspath(helper), tp) if helper else {})
-    print(f"({time.time() - t0:.0f} s)", flush=True)
-    tp.update(throughput(big, RUNS[N_HEADLINE:], n_params, header=False))
-    save(throughput=tp)
-    if "--profile" in sys.argv:
-        if too_late(150):
-            print("\nprofiles: skipped (--deadline)", flush=True)
-        else:
-            save(profile=profiles(big))
-    print(f"\ntotal {time.time() - t0:.0f} s")
-    failed = [t for t, (ok, _, _) in smoke_results.items() if not ok]
-    sys.exit(1 if failed or " failed" in tests_line or any("error" in r for r in tp.values()) else 0)
-
+    for part in parts:  # in the order given
+        if part != "smoke" and "n_params" not in found:
+            save(n_params=make_big(big))
+        if part == "smoke":  # the reference tests in the background, beside the smoke runs (both leave the GPU idle)
+            with open(os.path.join(OUT, "tests.log"), "w") as log:
+                tests = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAST_TESTS],
+                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                smoke_results = smoke()
+                tests.wait()
+            with open(os.path.join(OUT, "tests.log")) as log:
+                tests_line = [ln.strip() for ln in log if ln.strip()][-1]
+            print(f"\nreference tests (incl. packed = per-document logits per attention path): {tests_line}")
+            print("\n| algorithm | on CUDA | seconds | error |\n|---|---|---|---|")
+            for tag, (ok, seconds, error) in smoke_results.items():
+                print(f"| {tag} | {'ok' if ok else 'FAILED'} | {seconds:.0f} | {error} |")
+            failed |= " failed" in tests_line or not all(ok for ok, _, _ in smoke_results.values())
+            save(tests=tests_line, smoke=smoke_results)
+        elif part in ("headline", "rest"):
+            runs = RUNS[:N_HEADLINE] if part == "headline" else RUNS[N_HEADLINE:]
+            tp = throughput(big, runs, found["n_params"], header="throughput" not in found)
+            failed |= any("error" in r for r in tp.values())
+            save(throughput={**found.get("throughput", {}), **tp})
+        elif part == "trl" and helper:
+            save(trl=trl_side(big, os.path.abspath(helper), found.get("throughput", {})))
+        elif part == "profile":
+            if too_late(150):
+                print("\nprofiles: skipped (--deadline)", flush=True)
+            else:
+                save(profile=profiles(big))
+        print(f"({time.time() - T0:.0f} s)", flush=True)
+    print(f"\ntotal {time.time() - T0:.0f} s")
+    sys.exit(1 if failed else 0)
 
 if __name__ == "__main__":
     main()

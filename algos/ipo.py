@@ -385,7 +385,7 @@ def main(args):
             seqs = [c for c, _ in batch] + [r for _, r in batch]  # chosen and rejected in one forward
             logps, lens = logps_of(model, seqs)
             logps_c, logps_r = logps.chunk(2)
-            ref_c, ref_r = (dist.to_device(ref[m], device) for ref in (ref_chosen, ref_rejected))
+            ref_c, ref_r = (dist.to_device(table[m], device) for table in (ref_chosen, ref_rejected))
             loss, rewards_c, rewards_r = ipo_loss(logps_c, logps_r, ref_c, ref_r, args.beta, n_pairs)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
             loss_sum += loss.detach()  # kept on the device: the host reads it when the step logs or saves

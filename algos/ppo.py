@@ -393,7 +393,7 @@ def main(args):
     if start == 0:
         metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="ppo")
-    t_log, tokens = time.time(), 0.0
+    t_log, tokens, timing = time.time(), 0.0, {"generate": 0.0, "steps": 0}
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
         epoch_rng = torch.Generator().manual_seed(args.seed + epoch)
@@ -402,7 +402,9 @@ def main(args):
         batch = [prompts[j] for j in idx.tolist() for _ in range(args.group_size)]
 
         # Rollout: sample, then score with the frozen models and with the critic as it is now (old values).
+        t_gen = time.time()
         ids, attn, P, mask, has_eos = rollout([p for p, _, _ in batch], sampling)
+        timing["generate"] += time.time() - t_gen  # generate reads its last token on the host: sampling has finished
         T = ids.shape[1] - P
         with torch.no_grad():
             old_logps, _ = logps(actor, ids, attn, T)
@@ -483,8 +485,10 @@ def main(args):
             both.beta.fill_(adaptive_kl(beta, kl_seq, args.kl_target, s["samples"], args.kl_horizon))
         tokens += dist.all_sum(attn.sum().item()).item()
         done = step + 1
+        timing["steps"] += 1
         if done % args.log_every == 0 or done == total_steps:
-            tps = tokens / (time.time() - t_log)
+            seconds = time.time() - t_log
+            tps = tokens / seconds
             mean = s["reward"] / s["samples"]
             std = math.sqrt(max(s["reward_sq"] / s["samples"] - mean ** 2, 0.0))
             extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
@@ -495,8 +499,8 @@ def main(args):
                         truncated_frac=s["truncated"] / s["samples"],
                         distinct2=s["distinct2"] / s["groups"], ppo_updates=n_updates, tokens_per_s=tps,
                         peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean, "reward/std": std},
-                        **extra)
-            t_log, tokens = time.time(), 0.0
+                        step_s=seconds / timing["steps"], generate_s=timing["generate"] / timing["steps"], **extra)
+            t_log, tokens, timing = time.time(), 0.0, {"generate": 0.0, "steps": 0}
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, both, opt, sched, done, rank)
     dist.save_model(actor, tok, args.output_dir, rank)

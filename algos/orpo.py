@@ -83,8 +83,10 @@ def token_logps(logits_NV, labels_N, chunk=4096):
 class ChunkedLogps(torch.autograd.Function):
     """log p(y_n) = h_n·w_{y_n} - logsumexp_v h_n·w_v for N positions, from hidden states h (N, H) and the output
     embedding w (V, H), `chunk` positions at a time. Forward keeps only each position's logsumexp; backward
-    recomputes a chunk's logits. So memory grows with chunk x V instead of N x V (at N = 16k tokens and a 152k
-    vocabulary the full logits and their gradient take 10 GB in bf16), for one more h·w product. Gradients:
+    recomputes the logits as many at a time, a slice of the vocabulary for all N positions, so each slice of ∂/∂w
+    is one product written once and only ∂/∂h (N x H) accumulates. So memory grows with chunk x V instead of N x V
+    (at N = 16k tokens and a 152k vocabulary the full logits and their gradient take 10 GB in bf16), for one more
+    h·w product. Gradients:
         ∂log p(y_n)/∂logits_n = onehot(y_n) - softmax(logits_n),
         ∂/∂h_n = (...)·w,  ∂/∂w = Σ_n (...)ᵀ h_n.
     The matrix products run in the autocast dtype when autocast is on (forward decides; backward follows). The
@@ -136,16 +138,17 @@ class ChunkedLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_N):
         h_NH, w_VH, labels_N, lse_N = ctx.saved_tensors
-        chunk, dtype = ctx.chunk, ctx.dtype
-        w, grad_logits = w_VH.to(dtype), ChunkedLogps.fused("grad_logits", h_NH.device)
-        grad_h = torch.empty_like(h_NH)
-        grad_w = torch.zeros(w_VH.shape, device=w_VH.device)  # fp32 accumulator over chunks
-        for i in range(0, len(labels_N), chunk):
-            h = h_NH[i:i + chunk].to(dtype)
-            g = grad_logits(h @ w.T, lse_N[i:i + chunk], labels_N[i:i + chunk], grad_N[i:i + chunk])  # ∂L/∂logits
-            grad_h[i:i + chunk] = g @ w
-            grad_w += g.T @ h  # upcast inside the in-place add: no fp32 copy of the (V, H) product
-        return grad_h, grad_w.to(w_VH.dtype), None, None
+        V = w_VH.shape[0]
+        rows = max(1, ctx.chunk * V // max(len(labels_N), 1))  # vocabulary rows a slice: the forward's logit count
+        h, grad_logits = h_NH.to(ctx.dtype), ChunkedLogps.fused("grad_logits", h_NH.device)
+        grad_h = torch.zeros(h_NH.shape, device=h_NH.device)  # fp32 accumulator over the slices
+        grad_w = torch.empty_like(w_VH)  # each slice's rows written once
+        for v in range(0, V, rows):
+            w = w_VH[v:v + rows].to(ctx.dtype)
+            g = grad_logits(h @ w.T, lse_N, labels_N - v, grad_N)  # ∂L/∂logits of the slice: one-hot where y_n is
+            grad_h += g @ w
+            grad_w[v:v + rows] = g.T @ h
+        return grad_h.to(h_NH.dtype), grad_w, None, None
 
 
 def label_logps(model, fwd, labels_BT, budget):

@@ -1,4 +1,4 @@
-"""./run.sh gpu: the GPU path end to end, in about 6 minutes on one H100/H200.
+"""./run.sh gpu: the GPU path end to end, in about 11 minutes on one H200 (see --parts to split it).
 
 1. The reference tests that need no training (losses, templates, packing, the device habits) under this machine's
    torch and transformers, including the packed-versus-per-document logits of every attention path present

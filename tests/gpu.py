@@ -331,9 +331,41 @@ def profiles(d, parts=("decode", "sft", "dpo"), decode_attn=("sdpa",)):
     return found
 
 
+def trl_dpo(model, pairs, max_len, batch, steps):
+    """TRL's DPOTrainer on our DPO row's model, pairs (as chat messages, through the same template), batch and beta,
+    its reference log-probabilities computed before training as ours are, gradient checkpointing off as ours;
+    steps 9-16 timed, as ours. Run in a process of its own (trl_side) -> one JSON line."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    ends = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            ends.append(time.time())
+
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in map(json.loads, open(pairs))]
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
+    cfg = DPOConfig(output_dir=os.path.join(OUT, "trl_dpo"), per_device_train_batch_size=int(batch),
+                    max_length=int(max_len), max_steps=int(steps), beta=0.1, learning_rate=5e-5,
+                    bf16=DEVICE == "cuda", use_cpu=DEVICE != "cuda",
+                    precompute_ref_log_probs=True, gradient_checkpointing=False, logging_steps=4,
+                    save_strategy="no", report_to="none", dataloader_num_workers=0)
+    DPOTrainer(model=m, args=cfg, train_dataset=Dataset.from_list(rows),
+               processing_class=AutoTokenizer.from_pretrained(model), callbacks=[Clock()]).train()
+    timed = ends[len(ends) // 2 - 1:]  # from the end of step 8 to the end of step 16
+    print(json.dumps({"trl_dpo_pairs_per_s": int(batch) * (len(timed) - 1) / (timed[-1] - timed[0]),
+                      "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0}))
+
+
 def trl_side(d, helper, ours, names=("sft packed", "dpo", "grpo")):
     """Hugging Face TRL on the same model, data and batch, timed by helper/trl_side.py (its wheels installed from
-    helper/wheels when TRL is missing); a row per run (of names) beside ours, with the ratio."""
+    helper/wheels when TRL is missing) for SFT and GRPO, and by trl_dpo here for DPO; a row per run (of names)
+    beside ours, with the ratio."""
     env = dict(os.environ, TRL_GC="0")
     if importlib.util.find_spec("trl") is None and os.path.isdir(os.path.join(helper, "wheels")):
         site = os.path.join(OUT, "trl_site")
@@ -345,7 +377,7 @@ def trl_side(d, helper, ours, names=("sft packed", "dpo", "grpo")):
         env["PYTHONPATH"] = site
     q05 = f"{d}/q05"
     runs = [("sft packed", ["sft", q05, f"{d}/chats.jsonl", "packing", SFT_LEN, SFT_ROWS, 15], "tokens_per_s"),
-            ("dpo", ["dpo", q05, f"{d}/pairs.jsonl", 256 if SMALL else 1024, 8, 9], "trl_dpo_pairs_per_s"),
+            ("dpo", ["--trl_dpo", q05, f"{d}/pairs.jsonl", 256 if SMALL else 1024, 8, 16], "trl_dpo_pairs_per_s"),
             ("grpo", ["grpo", q05, f"{d}/prompts.jsonl", 2, 32 if SMALL else 256], "trl_grpo_s_per_step")]
     print("\nHugging Face TRL on the same model, data and batch (gradient checkpointing off, as ours):\n\n"
           "| run | TRL | peak GB | ours / TRL |\n|---|---|---|---|", flush=True)
@@ -354,12 +386,14 @@ def trl_side(d, helper, ours, names=("sft packed", "dpo", "grpo")):
         if too_late(90):
             print(f"| {name} | skipped (--deadline) | | |", flush=True)
             continue
-        with open(os.path.join(OUT, f"trl_{args[0]}.log"), "w") as log:
-            p = subprocess.run([sys.executable, os.path.join(helper, "trl_side.py"), *map(str, args)], cwd=ROOT,
-                               env=env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=300)
+        tool = os.path.abspath(__file__) if args[0] == "--trl_dpo" else os.path.join(helper, "trl_side.py")
+        log_name = f"trl_{args[0].lstrip('-')}.log"
+        with open(os.path.join(OUT, log_name), "w") as log:
+            p = subprocess.run([sys.executable, tool, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=log, text=True, timeout=300)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         if p.returncode or not lines:
-            print(f"| {name} | FAILED (trl_{args[0]}.log) | | |", flush=True)
+            print(f"| {name} | FAILED ({log_name}) | | |", flush=True)
             continue
         r = results[name] = json.loads(lines[-1])
         mine = ours.get(name, {})
@@ -430,4 +464,7 @@ def main():
     sys.exit(1 if failed else 0)
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--trl_dpo"]:
+        trl_dpo(*sys.argv[2:7])
+    else:
+        main()

@@ -362,10 +362,42 @@ def trl_dpo(model, pairs, max_len, batch, steps):
                       "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0}))
 
 
+def trl_grpo(model, prompts, new_tokens, steps, n_prompts):
+    """TRL's GRPOTrainer (its HF generate, no vLLM) on our GRPO row's model, prompts and shape: n_prompts x 8
+    completions of new_tokens a step, beta 0.04, gradient checkpointing off as ours; steps 3-5 timed, as ours.
+    Run in a process of its own (trl_side) -> one JSON line."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    ends = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            ends.append(time.time())
+
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+            for r in map(json.loads, open(prompts))]
+
+    def exact(completions, answer, **kw):  # the verifier's kind of reward; its value does not change the work
+        return [float(c[0]["content"].strip().endswith(a)) for c, a in zip(completions, answer)]
+
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
+    cfg = GRPOConfig(output_dir=os.path.join(OUT, "trl_grpo"), per_device_train_batch_size=8 * int(n_prompts),
+                     num_generations=8, max_completion_length=int(new_tokens), max_steps=int(steps), beta=0.04,
+                     learning_rate=1e-6, bf16=DEVICE == "cuda", use_cpu=DEVICE != "cuda", gradient_checkpointing=False,
+                     logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0)
+    GRPOTrainer(model=m, reward_funcs=exact, args=cfg, train_dataset=Dataset.from_list(rows),
+                processing_class=AutoTokenizer.from_pretrained(model), callbacks=[Clock()]).train()
+    print(json.dumps({"trl_grpo_s_per_step": (ends[-1] - ends[1]) / (len(ends) - 2),  # steps 3..5 of 5
+                      "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0}))
+
+
 def trl_side(d, helper, ours, names=("sft packed", "dpo", "grpo")):
     """Hugging Face TRL on the same model, data and batch, timed by helper/trl_side.py (its wheels installed from
-    helper/wheels when TRL is missing) for SFT and GRPO, and by trl_dpo here for DPO; a row per run (of names)
-    beside ours, with the ratio."""
+    helper/wheels when TRL is missing) for SFT, and by trl_dpo and trl_grpo here (gradient checkpointing off, the
+    steps ours time); a row per run (of names) beside ours, with the ratio."""
     env = dict(os.environ, TRL_GC="0")
     if importlib.util.find_spec("trl") is None and os.path.isdir(os.path.join(helper, "wheels")):
         site = os.path.join(OUT, "trl_site")
@@ -378,7 +410,8 @@ def trl_side(d, helper, ours, names=("sft packed", "dpo", "grpo")):
     q05 = f"{d}/q05"
     runs = [("sft packed", ["sft", q05, f"{d}/chats.jsonl", "packing", SFT_LEN, SFT_ROWS, 15], "tokens_per_s"),
             ("dpo", ["--trl_dpo", q05, f"{d}/pairs.jsonl", 256 if SMALL else 1024, 8, 16], "trl_dpo_pairs_per_s"),
-            ("grpo", ["grpo", q05, f"{d}/prompts.jsonl", 2, 32 if SMALL else 256], "trl_grpo_s_per_step")]
+            ("grpo", ["--trl_grpo", q05, f"{d}/prompts.jsonl", GRPO[GRPO.index("--max_new_tokens") + 1], 5, GRPO[1]],
+             "trl_grpo_s_per_step")]
     print("\nHugging Face TRL on the same model, data and batch (gradient checkpointing off, as ours):\n\n"
           "| run | TRL | peak GB | ours / TRL |\n|---|---|---|---|", flush=True)
     results = {}
@@ -386,7 +419,7 @@ def trl_side(d, helper, ours, names=("sft packed", "dpo", "grpo")):
         if too_late(90):
             print(f"| {name} | skipped (--deadline) | | |", flush=True)
             continue
-        tool = os.path.abspath(__file__) if args[0] == "--trl_dpo" else os.path.join(helper, "trl_side.py")
+        tool = os.path.abspath(__file__) if args[0].startswith("--") else os.path.join(helper, "trl_side.py")
         log_name = f"trl_{args[0].lstrip('-')}.log"
         with open(os.path.join(OUT, log_name), "w") as log:
             p = subprocess.run([sys.executable, tool, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -466,5 +499,7 @@ def main():
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--trl_dpo"]:
         trl_dpo(*sys.argv[2:7])
+    elif sys.argv[1:2] == ["--trl_grpo"]:
+        trl_grpo(*sys.argv[2:7])
     else:
         main()

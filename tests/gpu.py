@@ -7,8 +7,8 @@
 3. Throughput on a Qwen2-0.5B-shaped model (random init, vocab 151936, built here in seconds) on long-tailed synthetic
    chats: SFT packed (chunked log-probs, full logits, gradient checkpointing) and padded (real tokens/s, peak memory,
    MFU against 989 TFLOP/s dense bf16), DPO pairs/s, and GRPO seconds per step for 64 completions of 256 new tokens.
-4. With `--trl DIR`: Hugging Face TRL on the same model, data and batch, timed by DIR/trl_side.py (TRL installed from
-   DIR/wheels when missing), and the ratio of ours to it.
+4. With `--trl DIR`: Hugging Face TRL on the same model, data, batch and settings, timed here (trl_sft, trl_dpo,
+   trl_grpo; TRL installed from DIR/wheels when missing), and the ratio of ours to it.
 5. With `--profile`: where the time of a GRPO decode, a packed SFT step and a DPO step goes (torch.profiler).
 `--small`: the same steps on a tiny model and short runs, to check the plumbing on a machine without a GPU.
 `--deadline S`: a run or part that would end after S seconds is skipped and listed as skipped, so one call fits a
@@ -331,6 +331,34 @@ def profiles(d, parts=("decode", "sft", "dpo"), decode_attn=("sdpa",)):
     return found
 
 
+def trl_sft(model, chats, max_len, rows, steps):
+    """TRL's SFTTrainer on our SFT row's model and chats: packing into rows of max_len, gradient checkpointing off
+    as ours, bf16; timed from its first logging interval (every 5 steps) to its last, by the tokens it reports.
+    Run in a process of its own (trl_side) -> one JSON line."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    marks = []
+
+    class Clock(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "num_tokens" in logs:
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
+                marks.append((time.time(), logs["num_tokens"]))
+
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
+    cfg = SFTConfig(output_dir=os.path.join(OUT, "trl_sft"), per_device_train_batch_size=int(rows),
+                    max_length=int(max_len), packing=True, max_steps=int(steps), logging_steps=5, learning_rate=1e-4,
+                    lr_scheduler_type="cosine", warmup_steps=1, bf16=DEVICE == "cuda", use_cpu=DEVICE != "cuda",
+                    gradient_checkpointing=False, save_strategy="no", report_to="none", dataloader_num_workers=0)
+    SFTTrainer(model=m, args=cfg, train_dataset=load_dataset("json", data_files=chats, split="train"),
+               processing_class=AutoTokenizer.from_pretrained(model), callbacks=[Clock()]).train()
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    print(json.dumps({"tokens_per_s": (n1 - n0) / (t1 - t0),
+                      "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0}))
+
+
 def trl_dpo(model, pairs, max_len, batch, steps):
     """TRL's DPOTrainer on our DPO row's model, pairs (as chat messages, through the same template), batch and beta,
     its reference log-probabilities computed before training as ours are, gradient checkpointing off as ours;
@@ -395,10 +423,10 @@ def trl_grpo(model, prompts, new_tokens, steps, n_prompts):
 
 
 def trl_side(d, helper, ours, names=("sft packed", "dpo", "grpo")):
-    """Hugging Face TRL on the same model, data and batch, timed by helper/trl_side.py (its wheels installed from
-    helper/wheels when TRL is missing) for SFT, and by trl_dpo and trl_grpo here (gradient checkpointing off, the
-    steps ours time); a row per run (of names) beside ours, with the ratio."""
-    env = dict(os.environ, TRL_GC="0")
+    """Hugging Face TRL on the same model, data and batch, timed by trl_sft, trl_dpo and trl_grpo (gradient
+    checkpointing off, as ours), each in a process of its own, with TRL installed from helper/wheels when missing;
+    a row per run (of names) beside ours, with the ratio."""
+    env = dict(os.environ)
     if importlib.util.find_spec("trl") is None and os.path.isdir(os.path.join(helper, "wheels")):
         site = os.path.join(OUT, "trl_site")
         p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", site,
@@ -408,7 +436,7 @@ def trl_side(d, helper, ours, names=("sft packed", "dpo", "grpo")):
             return {}
         env["PYTHONPATH"] = site
     q05 = f"{d}/q05"
-    runs = [("sft packed", ["sft", q05, f"{d}/chats.jsonl", "packing", SFT_LEN, SFT_ROWS, 15], "tokens_per_s"),
+    runs = [("sft packed", ["--trl_sft", q05, f"{d}/chats.jsonl", SFT_LEN, SFT_ROWS, 15], "tokens_per_s"),
             ("dpo", ["--trl_dpo", q05, f"{d}/pairs.jsonl", 256 if SMALL else 1024, 8, 16], "trl_dpo_pairs_per_s"),
             ("grpo", ["--trl_grpo", q05, f"{d}/prompts.jsonl", GRPO[GRPO.index("--max_new_tokens") + 1], 5, GRPO[1]],
              "trl_grpo_s_per_step")]
@@ -419,11 +447,10 @@ def trl_side(d, helper, ours, names=("sft packed", "dpo", "grpo")):
         if too_late(90):
             print(f"| {name} | skipped (--deadline) | | |", flush=True)
             continue
-        tool = os.path.abspath(__file__) if args[0].startswith("--") else os.path.join(helper, "trl_side.py")
-        log_name = f"trl_{args[0].lstrip('-')}.log"
+        log_name = f"{args[0].lstrip('-')}.log"
         with open(os.path.join(OUT, log_name), "w") as log:
-            p = subprocess.run([sys.executable, tool, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=log, text=True, timeout=300)
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=log, text=True, timeout=300)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         if p.returncode or not lines:
             print(f"| {name} | FAILED ({log_name}) | | |", flush=True)
@@ -497,7 +524,9 @@ def main():
     sys.exit(1 if failed else 0)
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--trl_dpo"]:
+    if sys.argv[1:2] == ["--trl_sft"]:
+        trl_sft(*sys.argv[2:7])
+    elif sys.argv[1:2] == ["--trl_dpo"]:
         trl_dpo(*sys.argv[2:7])
     elif sys.argv[1:2] == ["--trl_grpo"]:
         trl_grpo(*sys.argv[2:7])

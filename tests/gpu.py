@@ -331,6 +331,20 @@ def profiles(d, parts=("decode", "sft", "dpo"), decode_attn=("sdpa",)):
     return found
 
 
+def step_clock(ends):
+    """A TrainerCallback that appends to `ends` the wall time at the end of every optimizer step, the GPU's work
+    included (TRL's side of the timing)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            ends.append(time.time())
+
+    return Clock()
+
+
 def trl_sft(model, chats, max_len, rows, steps):
     """TRL's SFTTrainer on our SFT row's model and chats: packing into rows of max_len, gradient checkpointing off
     as ours, bf16; timed from its first logging interval (every 5 steps) to its last, by the tokens it reports.
@@ -364,15 +378,9 @@ def trl_dpo(model, pairs, max_len, batch, steps):
     its reference log-probabilities computed before training as ours are, gradient checkpointing off as ours;
     steps 9-16 timed, as ours. Run in a process of its own (trl_side) -> one JSON line."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
-    ends = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            ends.append(time.time())
+    ends = []  # wall time at the end of every step
 
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
              "chosen": [{"role": "assistant", "content": r["chosen"]}],
@@ -384,7 +392,7 @@ def trl_dpo(model, pairs, max_len, batch, steps):
                     precompute_ref_log_probs=True, gradient_checkpointing=False, logging_steps=4,
                     save_strategy="no", report_to="none", dataloader_num_workers=0)
     DPOTrainer(model=m, args=cfg, train_dataset=Dataset.from_list(rows),
-               processing_class=AutoTokenizer.from_pretrained(model), callbacks=[Clock()]).train()
+               processing_class=AutoTokenizer.from_pretrained(model), callbacks=[step_clock(ends)]).train()
     timed = ends[len(ends) // 2 - 1:]  # from the end of step 8 to the end of step 16
     print(json.dumps({"trl_dpo_pairs_per_s": int(batch) * (len(timed) - 1) / (timed[-1] - timed[0]),
                       "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0}))
@@ -395,15 +403,9 @@ def trl_grpo(model, prompts, new_tokens, steps, n_prompts):
     completions of new_tokens a step, beta 0.04, gradient checkpointing off as ours; steps 3-5 timed, as ours.
     Run in a process of its own (trl_side) -> one JSON line."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
-    ends = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            ends.append(time.time())
+    ends = []  # wall time at the end of every step
 
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
             for r in map(json.loads, open(prompts))]
@@ -417,7 +419,7 @@ def trl_grpo(model, prompts, new_tokens, steps, n_prompts):
                      learning_rate=1e-6, bf16=DEVICE == "cuda", use_cpu=DEVICE != "cuda", gradient_checkpointing=False,
                      logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0)
     GRPOTrainer(model=m, reward_funcs=exact, args=cfg, train_dataset=Dataset.from_list(rows),
-                processing_class=AutoTokenizer.from_pretrained(model), callbacks=[Clock()]).train()
+                processing_class=AutoTokenizer.from_pretrained(model), callbacks=[step_clock(ends)]).train()
     print(json.dumps({"trl_grpo_s_per_step": (ends[-1] - ends[1]) / (len(ends) - 2),  # steps 3..5 of 5
                       "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0}))
 

@@ -17,6 +17,7 @@ Deviations: 1. seqkd generates the teacher's responses per batch instead of a pa
    first; with greedy decoding the two are the same data. 2. Logits are compared over the first
    len(tokenizer) entries: models padded to different embedding sizes still distil.
    3. on_policy, as GKD, takes no gradient through the sampling distribution (the samples are data).
+   4. Sampling is seeded per micro-batch: samples (and the loss) do not depend on the process count.
 Defaults: the student is the SFT model, not the raw base: the reverse KL's gradient on a token scales with
 the student's own probability of it, so a student that puts no mass where the teacher does (the base, which
 does not know the chat format) barely moves under reverse_kl or on_policy. `kl` is KL(student ‖ teacher) at
@@ -237,8 +238,9 @@ def main(args):
         labels = torch.cat([torch.full_like(x, IGNORE), resp.masked_fill(~resp_mask, IGNORE)], 1)
         return {"input_ids": ids, "labels": labels, "attention_mask": torch.cat([mask, resp_mask], 1).long()}
 
-    def batch_of(idx):
+    def batch_of(idx, seed):
         chunk = [docs[i] for i in idx.tolist()]
+        torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
         if args.mode == "seqkd":
             return generate(teacher, chunk)
         if args.mode == "on_policy":
@@ -261,9 +263,10 @@ def main(args):
         gen = torch.Generator().manual_seed(args.seed + epoch)  # the data order: the same on every process
         order = torch.randperm(len(docs), generator=gen, device="cpu")
         idx = order[k * G:(k + 1) * G]
-        starts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this process's micro-batches
-        micro = [idx[j:j + args.batch_size] for j in starts]
-        batches = [batch_of(m) for m in micro]  # all samples of the step come from the same student
+        mine = [i * world + rank for i in range(args.grad_accum)]  # this process's micro-batches of the step
+        micro = {g: idx[g * args.batch_size:(g + 1) * args.batch_size] for g in mine}
+        # all samples of the step come from the same student
+        batches = [batch_of(m, args.seed * 10**9 + step * 10**4 + g) for g, m in micro.items()]
         n_labels = sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)
         n_tokens = dist.all_sum(n_labels).item()  # N of the equation: response tokens of the global batch
         loss_sum, sums = 0.0, dist.Sums(device)  # sums: this step's KL(student ‖ teacher)

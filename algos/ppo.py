@@ -24,6 +24,8 @@ adaptive KL controller: Ziegler et al., arXiv:1909.08593. Deviations from the pa
   5. The critic is the RM's backbone with its bias-free score head applied at every position, so V
      starts as the RM's reading of each prefix. Dropout is off in all four models (TRL #744): every rate is 0
      and they run in eval mode (the update in train mode under --gradient_checkpointing: the same function).
+  6. Each process splits its own rollout into minibatches, as TRL and OpenRLHF do, so a run's samples and
+     updates depend on the process count (grpo, rloo and remax seed each micro-batch and do not).
 Data: JSONL, {"prompt": ..., "answer": ...}; with the RM, the optional answer only feeds the gold (verifier)
 score logged beside the RM score, so that reward over-optimisation shows; with the verifier it is the reward.
 Run:  python algos/ppo.py

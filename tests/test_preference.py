@@ -213,14 +213,17 @@ def test_user_data_alone_reads_no_embedded_eval_set(method, base, tmp_path, monk
     assert all(math.isfinite(r["loss"]) and "logps/chosen" in r and "rewards/margin" in r for r in rows[1:])
 
 
-def test_dpo_two_processes_match_one(base, tmp_path):
-    """FSDP2 over 2 gloo processes, 2 pairs each, against 1 process with the same 4 pairs a step."""
-    small = ["--model", base, "--data", head("prefs.jsonl", tmp_path / "p.jsonl", 64),
+@pytest.mark.parametrize("method", ["dpo", "ipo", "kto", "orpo", "simpo"])
+def test_two_processes_match_one(method, base, tmp_path):
+    """FSDP2 over 2 gloo processes, 2 pairs (kto: 4 records) each, against 1 process with the same batch a step:
+    every normalisation (pairs, ORPO's token count, KTO's reference point) is over the global batch."""
+    data, batch = ("kto.jsonl", 4) if method == "kto" else ("prefs.jsonl", 2)
+    small = ["--model", base, "--data", head(data, tmp_path / "p.jsonl", 64),
              "--eval_pairs", head("prefs_eval.jsonl", tmp_path / "e.jsonl", 8),
              "--eval_data", head("eval.jsonl", tmp_path / "g.jsonl", 8),
              "--max_steps", 3, "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--lr", 1e-3]
-    run("dpo", "--output_dir", tmp_path / "one", "--batch_size", 4, *small)
-    run("dpo", "--output_dir", tmp_path / "two", "--batch_size", 2, *small, nproc=2)
+    run(method, "--output_dir", tmp_path / "one", "--batch_size", 2 * batch, *small)
+    run(method, "--output_dir", tmp_path / "two", "--batch_size", batch, *small, nproc=2)
     one, two = ([m for m in metrics(tmp_path / d) if "loss" in m] for d in ("one", "two"))
     assert len(one) == len(two) == 3 and one[-1]["loss"] != one[0]["loss"]
     for a, b in zip(one, two):

@@ -256,14 +256,15 @@ def test_batched_logps_match_one_row_each(sft, share_prompt):
     assert (ents > 0).all()
 
 
-def test_two_processes_give_the_same_grpo_loss(sft_run, tmp_path):
-    """4 prompts x 8 samples a step: 1 process with 2 micro-batches of 2 prompts against 2 processes with 2 prompts
-    each."""
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "remax"])
+def test_two_processes_give_the_same_loss(algo, sft_run, tmp_path):
+    """4 prompts a step, each sampled group_size times: 1 process with 2 micro-batches of 2 prompts against 2
+    processes with 2 prompts each."""
     common = ["--model", sft_run, "--eval_data", head("eval.jsonl", tmp_path / "eval_16.jsonl", 16), "--max_steps", 3,
               "--log_every", 1, "--eval_every", 0,
               "--save_every", 0, "--batch_size", 2, "--lr", 1e-3]
-    run("grpo", "--output_dir", tmp_path / "one", "--grad_accum", 2, *common)
-    run("grpo", "--output_dir", tmp_path / "two", *common, nproc=2)
+    run(algo, "--output_dir", tmp_path / "one", "--grad_accum", 2, *common)
+    run(algo, "--output_dir", tmp_path / "two", *common, nproc=2)
     one, two = [[m for m in metrics(tmp_path / d) if "loss" in m] for d in ("one", "two")]
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):

@@ -224,7 +224,7 @@ def main(args):
         mask = torch.arange(width, device=device) >= width - lengths[:, None]  # left padding
         was = gen_model.training
         gen_model.eval()
-        with dist.autocast(device):
+        with dist.autocast(device), dist.gathered(gen_model):  # FSDP2: gathered once for all tokens, not per token
             out = gen_model.generate(
                 input_ids=x, attention_mask=mask.long(), max_new_tokens=args.max_new_tokens,
                 do_sample=gen_t > 0, temperature=gen_t if gen_t > 0 else None, top_k=0, top_p=1.0,

@@ -337,7 +337,9 @@ def main(args):
         attn = (torch.arange(P, device=device) >= P - lens[:, None]).long()
         policy = bf16_sampler(actor, sampler) if sampler is not None else actor
         cache = dist.cache_kwarg(actor, StaticCache(config=actor.config, max_cache_len=static_len)) if static else {}
-        out = policy.generate(input_ids=x, attention_mask=attn, generation_config=cfg, synced_gpus=world > 1, **cache)
+        with dist.gathered(policy):  # under FSDP2: the weights gathered once for all tokens, not at every token
+            out = policy.generate(input_ids=x, attention_mask=attn, generation_config=cfg, synced_gpus=world > 1,
+                                  **cache)
         is_eos = out[:, P:] == eos
         mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
         return out, torch.cat([attn, mask.long()], 1), P, mask, is_eos.any(1)

@@ -216,16 +216,17 @@ def generate(model, prompts, G, tok, gen_cfg, device, synced=False, static_len=0
     width = max(map(len, prompts))
     x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    if static_len:
-        cache = StaticCache(config=model.config, max_cache_len=static_len)
-    else:
-        cache = DynamicCache(config=model.config)
-        prefix_pos = (attn[:, :-1].cumsum(-1) - 1).clamp(min=0)
-        model(input_ids=x[:, :-1], attention_mask=attn[:, :-1], position_ids=prefix_pos, use_cache=True,
-              **dist.cache_kwarg(model, cache))
-        cache.batch_repeat_interleave(G)
-    out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0),
-                         generation_config=gen_cfg, synced_gpus=synced, **dist.cache_kwarg(model, cache))
+    with dist.gathered(model):  # under FSDP2: the weights gathered once for all tokens, not at every token
+        if static_len:
+            cache = StaticCache(config=model.config, max_cache_len=static_len)
+        else:
+            cache = DynamicCache(config=model.config)
+            prefix_pos = (attn[:, :-1].cumsum(-1) - 1).clamp(min=0)
+            model(input_ids=x[:, :-1], attention_mask=attn[:, :-1], position_ids=prefix_pos, use_cache=True,
+                  **dist.cache_kwarg(model, cache))
+            cache.batch_repeat_interleave(G)
+        out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0),
+                             generation_config=gen_cfg, synced_gpus=synced, **dist.cache_kwarg(model, cache))
     comp_NC, C = out[:, width:], out.shape[1] - width
     is_eos = comp_NC == tok.eos_token_id
     ended_N = is_eos.any(-1)

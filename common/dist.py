@@ -51,6 +51,28 @@ def cache_kwarg(model, cache):
     return {name: cache}
 
 
+@contextlib.contextmanager
+def gathered(model):
+    """Sampling with an FSDP2-sharded model: each layer all-gathered once and kept whole for the whole generate call,
+    where by default it is gathered again for every new token's forward (the whole model's weights moved per token)
+    and freed after. Costs the unsharded weights' memory (bf16 on GPU) while sampling; resharded on exit, the root
+    left unsharded after forward, as FSDP2 keeps it. A no-op for a model that is not sharded (one process)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.set_reshard_after_forward(False)  # every FSDP module of the model
+    try:
+        yield model
+    finally:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root, as fully_shard leaves it
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+
 def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 

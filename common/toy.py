@@ -214,6 +214,7 @@ def data(name):
 def evaluate(model, tok, records, max_new_tokens=16, batch_size=256):
     """Greedy exact-match accuracy on [{"prompt", "answer"}], split across processes. max_new_tokens leaves room for
     the longest completion of the task, "99+99=198" and EOS (10 tokens)."""
+    from common.dist import gathered
     from common.template import encode_prompt
 
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -231,9 +232,10 @@ def evaluate(model, tok, records, max_new_tokens=16, batch_size=256):
         lengths = torch.tensor([len(s) for s in ids], device=device)
         # left padding: the real tokens of a row start at width - len(row)
         mask = (torch.arange(width, device=device) >= (width - lengths)[:, None]).long()
-        out = model.generate(input_ids=x, attention_mask=mask,
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, synced_gpus=dist)
+        with gathered(model):  # under FSDP2: the weights gathered once for all tokens, not at every token
+            out = model.generate(input_ids=x, attention_mask=mask,
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id, synced_gpus=dist)
         texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
         real = mine[i:i + batch_size]
         correct[0] += sum(verify(t, r["answer"]) for t, r in zip(texts, real))

@@ -1,4 +1,5 @@
 """One code path from 1 to N processes; the loss depends on the global batch only; resume is exact."""
+import json
 import signal
 import subprocess
 import sys
@@ -63,3 +64,63 @@ def test_killed_run_resumes_to_the_same_weights(base, tmp_path):
     w_full, w_res = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
     assert [m["step"] for m in metrics(out)] == [m["step"] for m in metrics(tmp_path / "full")]
+
+
+GATHER = r'''
+import json, sys
+import torch
+import torch.distributed as tdist
+from transformers import AutoModelForCausalLM
+sys.path.insert(0, sys.argv[2])
+from common import dist
+
+rank, world, device = dist.setup(0)
+model = dist.shard(AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32), world, device)
+gathers = [0]
+for name in ("all_gather_single", "all_gather_into_tensor"):  # FSDP2's all-gather: torch 2.13's name, the floor's
+    if hasattr(tdist, name):
+        def counted(*args, _all_gather=getattr(tdist, name), **kwargs):
+            gathers[0] += 1
+            return _all_gather(*args, **kwargs)
+        setattr(tdist, name, counted)
+ids = torch.arange(3, 15).repeat(4, 1) + rank
+
+
+def loss_and_grad():  # a training forward and backward, FSDP2's hooks and all
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), dist.clip_grads(model, 1e9).item()
+
+
+def sample(gather):
+    torch.manual_seed(0)
+    gathers[0] = 0
+    with torch.no_grad(), (dist.gathered(model) if gather else torch.enable_grad()):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                             do_sample=True, top_k=0, synced_gpus=True)
+    return out.tolist(), gathers[0]
+
+
+before = loss_and_grad()
+plain, n_plain = sample(False)
+kept, n_kept = sample(True)
+sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
+with open(f"{sys.argv[3]}/rank{rank}.json", "w") as f:  # a file a process: their prints would interleave
+    json.dump({"same_samples": plain == kept, "plain": n_plain, "kept": n_kept, "sharded_after": sharded,
+               "same_step": before == loss_and_grad()}, f)
+'''
+
+
+def test_sampling_gathers_the_weights_once_not_per_token(base, tmp_path):
+    """dist.gathered under FSDP2 (2 gloo processes): a generate of 8 new tokens all-gathers each layer once instead of
+    at every token's forward, samples the same tokens, and leaves the model sharded and training as before."""
+    (tmp_path / "gather.py").write_text(GATHER)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "gather.py"), str(base), ROOT, str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rank in (0, 1):
+        f = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert f["same_samples"] and f["sharded_after"] and f["same_step"]
+        assert f["plain"] >= 8 * 2 and f["kept"] <= 2  # the toy model's 2 layers: per token before, once now

@@ -460,6 +460,7 @@ def main(args):
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
     dist.save_model(model, tok, args.output_dir, rank)
     say(f"saved {args.output_dir}")
+    dist.close()
 
 
 def parse_args(argv=None):

@@ -511,6 +511,7 @@ def main(args):
     os.makedirs(os.path.join(args.output_dir, "critic"), exist_ok=True)  # the value model, to continue training from
     dist.save_model(critic, tok, os.path.join(args.output_dir, "critic"), rank)
     say(f"saved {args.output_dir} (critic in {args.output_dir}/critic)")
+    dist.close()
 
 
 def parse_args(argv=None):

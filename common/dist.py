@@ -183,6 +183,15 @@ def grad_norm(model, max_norm):
     return clip_grads(model, max_norm).item()
 
 
+def close():
+    """The end of a run that went well: the process group shut down while the interpreter is still whole. Left to
+    the interpreter's exit, gloo's worker threads can outlive it and abort the process now and then ("terminate
+    called without an active exception"), and NCCL warns. Not called after an error, where another process may still
+    wait in a collective that the shutdown would hang."""
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def to_device(x, device):
     """A CPU tensor to device without stalling the host: pinned and copied asynchronously on CUDA (a copy from
     pageable memory waits for the GPU to finish everything queued before it)."""

@@ -109,6 +109,8 @@ sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
 with open(f"{sys.argv[3]}/rank{rank}.json", "w") as f:  # a file a process: their prints would interleave
     json.dump({"same_samples": plain == kept, "plain": n_plain, "kept": n_kept, "sharded_after": sharded,
                "same_step": before == loss_and_grad()}, f)
+dist.barrier()  # ends as the scripts do
+dist.close()
 '''
 
 

@@ -52,22 +52,35 @@ def cache_kwarg(model, cache):
 
 
 @contextlib.contextmanager
-def gathered(model):
+def gathered(model, budget=None):
     """Sampling with an FSDP2-sharded model: each layer all-gathered once and kept whole for the whole generate call,
     where by default it is gathered again for every new token's forward (the whole model's weights moved per token)
-    and freed after. Costs the unsharded weights' memory (bf16 on GPU) while sampling; resharded on exit, the root
-    left unsharded after forward, as FSDP2 keeps it. A no-op for a model that is not sharded (one process)."""
+    and freed after. Costs the unsharded weights' memory (bf16 on GPU) while sampling, so it is done only where they
+    fit in budget bytes on every process: by default half the GPU memory free now, unlimited on CPU. A model too big
+    to hold whole on one GPU keeps FSDP2's per-token gathering. Resharded on exit. A no-op for a model that is not
+    sharded (one process)."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
+        yield model
+        return
+    device = next(model.parameters()).device
+    whole = sum(p.numel() for p in model.parameters()) * (2 if device.type == "cuda" else 4)  # shard()'s dtypes
+    if budget is None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 2
+    fits = torch.tensor(budget is None or whole <= budget, device=device, dtype=torch.int32)
+    tdist.all_reduce(fits, op=tdist.ReduceOp.MIN)  # one decision on every process, or their all-gathers mismatch
+    if not fits.item():
+        warnings.warn(f"sampling all-gathers the weights at every token: the whole model ({whole / 2**30:.1f} GiB) "
+                      f"does not fit in half the free GPU memory")
         yield model
         return
     model.set_reshard_after_forward(False)  # every FSDP module of the model
     try:
         yield model
     finally:
-        model.set_reshard_after_forward(True)
-        model.set_reshard_after_forward(False, recurse=False)  # the root, as fully_shard leaves it
+        model.set_reshard_after_forward(True)  # as shard() left them
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.reshard()
@@ -118,7 +131,12 @@ def shard(model, world, device):
         mp = MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    # The root (embeddings, final norm, head) resharded after forward too, where FSDP2 would keep it whole until the
+    # backward: after a forward under no_grad (evaluation, scoring, sampling), which has no backward, the next
+    # training step's root gradients came out world-size times too large (torch 2.13, 2 gloo processes: embedding
+    # gradient norm 27.51 against 13.76 on one process; tests/test_dist.py). Costs one more all-gather of the root
+    # in each backward.
+    fully_shard(model, mp_policy=mp, reshard_after_forward=True)
     return model
 
 

@@ -93,10 +93,10 @@ def loss_and_grad():  # a training forward and backward, FSDP2's hooks and all
     return loss.item(), dist.clip_grads(model, 1e9).item()
 
 
-def sample(gather):
+def sample(gather, budget=None):
     torch.manual_seed(0)
     gathers[0] = 0
-    with torch.no_grad(), (dist.gathered(model) if gather else torch.enable_grad()):
+    with torch.no_grad(), (dist.gathered(model, budget) if gather else torch.enable_grad()):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
                              do_sample=True, top_k=0, synced_gpus=True)
     return out.tolist(), gathers[0]
@@ -104,11 +104,13 @@ def sample(gather):
 
 before = loss_and_grad()
 plain, n_plain = sample(False)
+after_plain = loss_and_grad()  # FSDP2 kept the root whole after a no_grad forward: root gradients world-size fold
 kept, n_kept = sample(True)
+over, n_over = sample(True, budget=1000 if rank == 0 else None)  # too big for one process: none keeps it whole
 sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
 with open(f"{sys.argv[3]}/rank{rank}.json", "w") as f:  # a file a process: their prints would interleave
-    json.dump({"same_samples": plain == kept, "plain": n_plain, "kept": n_kept, "sharded_after": sharded,
-               "same_step": before == loss_and_grad()}, f)
+    json.dump({"same_samples": plain == kept == over, "plain": n_plain, "kept": n_kept, "over": n_over,
+               "sharded_after": sharded, "same_step": before == after_plain == loss_and_grad()}, f)
 dist.barrier()  # ends as the scripts do
 dist.close()
 '''
@@ -116,7 +118,8 @@ dist.close()
 
 def test_sampling_gathers_the_weights_once_not_per_token(base, tmp_path):
     """dist.gathered under FSDP2 (2 gloo processes): a generate of 8 new tokens all-gathers each layer once instead of
-    at every token's forward, samples the same tokens, and leaves the model sharded and training as before."""
+    at every token's forward, samples the same tokens, and leaves the model sharded and training as before; a model
+    over one process's memory budget keeps the per-token gathering on both."""
     (tmp_path / "gather.py").write_text(GATHER)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(tmp_path / "gather.py"), str(base), ROOT, str(tmp_path)],
@@ -125,4 +128,5 @@ def test_sampling_gathers_the_weights_once_not_per_token(base, tmp_path):
     for rank in (0, 1):
         f = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert f["same_samples"] and f["sharded_after"] and f["same_step"]
-        assert f["plain"] >= 8 * 2 and f["kept"] <= 2  # the toy model's 2 layers: per token before, once now
+        assert f["plain"] >= 8 * 2 and f["kept"] <= 3  # the toy's 2 layers (and root): per token, or once
+        assert f["over"] == f["plain"]  # over budget: FSDP2's per-token gathering, on both processes

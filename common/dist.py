@@ -57,8 +57,8 @@ def gathered(model, budget=None):
     where by default it is gathered again for every new token's forward (the whole model's weights moved per token)
     and freed after. Costs the unsharded weights' memory (bf16 on GPU) while sampling, so it is done only where they
     fit in budget bytes on every process: by default half the GPU memory free now, unlimited on CPU. A model too big
-    to hold whole on one GPU keeps FSDP2's per-token gathering. Resharded on exit. A no-op for a model that is not
-    sharded (one process)."""
+    to hold whole on one GPU keeps FSDP2's per-token gathering. Resharded on exit, the root left unsharded after
+    forward, as FSDP2 keeps it. A no-op for a model that is not sharded (one process)."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
@@ -80,7 +80,8 @@ def gathered(model, budget=None):
     try:
         yield model
     finally:
-        model.set_reshard_after_forward(True)  # as shard() left them
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root, as fully_shard leaves it
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.reshard()
@@ -131,12 +132,7 @@ def shard(model, world, device):
         mp = MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
-    # The root (embeddings, final norm, head) resharded after forward too, where FSDP2 would keep it whole until the
-    # backward: after a forward under no_grad (evaluation, scoring, sampling), which has no backward, the next
-    # training step's root gradients came out world-size times too large (torch 2.13, 2 gloo processes: embedding
-    # gradient norm 27.51 against 13.76 on one process; tests/test_dist.py). Costs one more all-gather of the root
-    # in each backward.
-    fully_shard(model, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mp_policy=mp)
     return model
 
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from util import head, metrics, run
+from util import GRAD_REL, head, metrics, run
 
 from common import toy
 
@@ -213,6 +213,7 @@ def test_on_policy_two_processes_match_one(base, tmp_path):
     assert len(one) == len(two) == 3 and one[-1]["loss"] > 1e-3  # the student leaves the teacher after step 1
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_REL)
 
 
 @pytest.mark.parametrize("mode", ["seqkd", "forward_kl", "reverse_kl", "on_policy"])

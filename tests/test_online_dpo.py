@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from util import habit_outcome, head, metrics, run
+from util import GRAD_REL, habit_outcome, head, metrics, run
 
 from algos import dpo, online_dpo
 from algos.online_dpo import make_pairs
@@ -82,6 +82,7 @@ def test_two_processes_give_the_same_loss(sft_run, tmp_path):
     for a, b in zip(one, two):
         assert a["reward/mean"] == b["reward/mean"] and a["frac_kept"] == b["frac_kept"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)  # float summation order differs (2e-6 seen)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_REL)
     assert any(m["loss"] > 1e-3 for m in one)  # the comparison is not of zeros
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from util import head, metrics, run
+from util import GRAD_REL, head, metrics, run
 
 from algos import dpo, kto
 from algos.dpo import dpo_loss
@@ -230,6 +230,7 @@ def test_two_processes_match_one(method, base, tmp_path):
         # float summation order: one packed row of 4 pairs against two of 2 (1.2e-5 seen by step 3 at lr 1e-3);
         # a wrong normalisation by the pair count would be off by a factor of 2
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["rewards/margin"] - b["rewards/margin"]) < 1e-4
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_REL)
     pref_one, pref_two = (metrics(tmp_path / d)[-1]["eval/pref_accuracy"] for d in ("one", "two"))
     assert abs(pref_one - pref_two) < 1e-6
 

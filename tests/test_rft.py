@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from util import habit_outcome, head, metrics, run
+from util import GRAD_REL, habit_outcome, head, metrics, run
 
 from algos import rft
 from algos.rft import select_best
@@ -132,6 +132,7 @@ def test_two_processes_give_the_same_rft_losses(sft_run, tmp_path):
     for a, b in zip(one, two):
         assert a["reward/mean"] == b["reward/mean"] and a["kept"] == b["kept"] and a["steps"] == b["steps"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_REL)
 
 
 def test_resume_reaches_the_same_weights(sft_run, tmp_path):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from util import habit_outcome, head, metrics, run
+from util import GRAD_REL, habit_outcome, head, metrics, run
 
 from algos.grpo import (aggregate, bf16_sampler, clipped_surrogate, completion_logps, generate, group_rows,
                         grpo_advantages, kl_estimate)
@@ -270,6 +270,7 @@ def test_two_processes_give_the_same_loss(algo, sft_run, tmp_path):
     for a, b in zip(one, two):
         assert a["reward/mean"] == b["reward/mean"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["kl"] == pytest.approx(b["kl"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_REL)
     assert any(abs(m["loss"]) > 1e-3 for m in one)  # the comparison is not of zeros
 
 

@@ -7,6 +7,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# 2 processes against 1 with the same global batch: their gradient norms agree to float summation order. Compared
+# beside the losses because Adam's step hardly depends on the gradient's scale, so a gradient off by a constant
+# factor on 2 processes would leave the losses of a short run nearly equal.
+GRAD_REL = 1e-3
+
 
 def command(script, *args, nproc=1):
     """The command line of algos/<script>.py args (under torchrun with nproc processes).

@@ -73,7 +73,7 @@ def gathered(model, budget=None):
     tdist.all_reduce(fits, op=tdist.ReduceOp.MIN)  # one decision on every process, or their all-gathers mismatch
     if not fits.item():
         warnings.warn(f"sampling all-gathers the weights at every token: the whole model ({whole / 2**30:.1f} GiB) "
-                      f"does not fit in half the free GPU memory")
+                      f"does not fit in the budget on every process (by default half the free GPU memory)")
         yield model
         return
     model.set_reshard_after_forward(False)  # every FSDP module of the model

@@ -110,10 +110,16 @@ NON_NEGATIVE = ("max_steps", "eval_every", "save_every")  # 0 has a meaning of i
 TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # --report_to: name -> optional package
 
 
+def resolve(choice, auto):
+    """A true|false|auto option -> bool, `auto` deciding the last."""
+    return choice == "true" or (choice == "auto" and auto)
+
+
 def parse(cls, argv=None):
     """Args dataclass <- command line, through transformers' HfArgumentParser, with what it lacks:
     - `--help` shows each field's comment from the source (`name: type = default  # meaning`) and its default;
     - an unknown or mistyped argument is argparse's one-line usage error (exit status 2), not a traceback;
+    - a field typed `Literal["a", "b"]` takes only those values: `--name must be one of a, b, got 'c'`;
     - `--epochs N` given without `--max_steps` runs N epochs (max_steps 0) instead of the default step budget;
     - counts and sizes that must be positive are checked, each with a one-line error."""
     from transformers import HfArgumentParser
@@ -124,6 +130,9 @@ def parse(cls, argv=None):
     parser = HfArgumentParser(cls)
 
     def error(message):  # one line, not argparse's usage block
+        choice = re.match(r"argument --(\w+): invalid choice: '(.*)' \(choose from (.*)\)", message)
+        if choice:  # a Literal-typed field: the same words as every other choice
+            message = f"--{choice[1]} must be one of {choice[3].replace(chr(39), '')}, got '{choice[2]}'"
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 

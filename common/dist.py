@@ -32,6 +32,11 @@ def setup(seed):
     return rank, world, device
 
 
+def rank_world():
+    """-> (rank, world) of this process: (0, 1) without torchrun."""
+    return (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
+
+
 def attn_impl(device):
     """The attention of training forwards. On a GPU: flash-attn's kernels when installed, else PyTorch's own varlen
     FlashAttention (torch >= 2.10, registered as "varlen" by common.packing); sdpa otherwise (CPU, older torch).

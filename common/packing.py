@@ -1,4 +1,4 @@
-"""Packing tokenized documents into rows of max_len tokens, and the plain padded batch.
+"""Packing tokenized documents into rows of max_len tokens, the plain padded batch, and collation of sequences.
 
 A packed row holds several documents back to back, position_ids restarting at 0 for each. Each
 attention path keeps every document's attention inside itself, provided the forward gets no
@@ -79,6 +79,31 @@ def boundaries(position_ids_BT, device):
     longest = int(cu.diff().max())
     cu = dist.to_device(cu, device)  # pinned and asynchronous: no wait for the GPU
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def collate(seqs, pad_id, packing, device):
+    """Sequences (ids, labels) -> (forward kwargs on the device, labels_BT, seq_BT: the sequence each position
+    belongs to; these two on the CPU, where common.logps.label_logps and seq_logps read them).
+    Packed: one row of every sequence back to back, each a document of its own (position_ids restart at 0; varlen
+    attention keeps them apart by their boundaries, sdpa by a mask from position_ids), so no padding is computed.
+    Else right-padded rows, as long as the longest sequence.
+    Built on the CPU and copied with dist.to_device (pinned, asynchronous: no wait for the GPU)."""
+    if packing:
+        lengths = torch.tensor([len(ids) for ids, _ in seqs], device="cpu")
+        pos = torch.cat([torch.arange(n, device="cpu") for n in lengths.tolist()])[None]
+        ids = torch.tensor([[t for ids, _ in seqs for t in ids]], device="cpu")
+        labels = torch.tensor([[t for _, lab in seqs for t in lab]], device="cpu")
+        seq = torch.repeat_interleave(torch.arange(len(seqs), device="cpu"), lengths)[None]
+        fwd = {"input_ids": dist.to_device(ids, device), "position_ids": dist.to_device(pos, device),
+               **boundaries(pos, device)}
+        return fwd, labels, seq
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs], device="cpu")
+    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs], device="cpu")
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device="cpu")
+    seq = torch.arange(len(seqs), device="cpu")[:, None].expand(-1, width)
+    fwd = {"input_ids": dist.to_device(ids, device), "attention_mask": dist.to_device(mask, device)}
+    return fwd, labels, seq
 
 
 def _kernel():

@@ -5,6 +5,8 @@
 # ./run.sh bench         throughput and memory benchmarks
 # ./run.sh study kl      the KL study: β sweep of grpo and ppo, gold accuracy and reward against KL
 # ./run.sh gpu           the GPU check (tests/gpu.py): every algorithm on CUDA, attention paths, 0.5B-shape throughput
+# ./run.sh behaviour record DIR | compare A B   every script's metrics for a few steps, recorded before a change
+#                        that moves code and compared after it (tests/behaviour.py)
 # ./run.sh <algo> [args] one algorithm, e.g. ./run.sh sft --max_steps 100; NPROC=2 ./run.sh sft runs it under torchrun
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -147,6 +149,7 @@ case "${1:-}" in
     }
     lanes study_grpo study_ppo
     $PY -m common.report --study_kl runs/study_kl ;;
+  behaviour) shift; setup; OMP_NUM_THREADS=1 $PY tests/behaviour.py "$@" ;;
   gpu)
     # A GPU machine usually brings its own torch and transformers: use them unless .venv exists.
     shift; [ -x "$PY" ] || PY=python3

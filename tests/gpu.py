@@ -264,8 +264,11 @@ def profiles(d, parts=("decode", "sft", "dpo"), decode_attn=("sdpa",)):
     are built for many queries and a decode step has one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from algos import dpo, grpo, sft
+    from algos import dpo, sft
     from common import dist, packing
+    from common.logps import label_logps, sequence_logps
+    from common.sampling import bf16_sampler, generate
+    from common.template import encode_prompt
     device, q05, found = torch.device(DEVICE), f"{d}/q05", {}
     tok = AutoTokenizer.from_pretrained(q05)
     model = AutoModelForCausalLM.from_pretrained(q05, dtype=torch.float32, attn_implementation=dist.attn_impl(device))
@@ -274,12 +277,12 @@ def profiles(d, parts=("decode", "sft", "dpo"), decode_attn=("sdpa",)):
         n_new, G = GRPO[GRPO.index("--max_new_tokens") + 1], 8
         cfg = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=n_new,
                                min_new_tokens=n_new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        prompts = [grpo.encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])
+        prompts = [encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])
                    for r in map(json.loads, open(f"{d}/prompts.jsonl").readlines()[:GRPO[1]])]
         for attn in decode_attn:
-            sampler = grpo.bf16_sampler(model)
+            sampler = bf16_sampler(model)
             sampler.set_attn_implementation(attn)
-            decode = lambda: grpo.generate(sampler, prompts, G, tok, cfg, device, static_len=512)  # noqa: E731
+            decode = lambda: generate(sampler, prompts, G, tok, cfg, device, static_len=512)  # noqa: E731
             found[f"decode_{attn}"] = profiled(decode, 1, n_new, f"GRPO sampling, {len(prompts)} prompts x {G} x "
                                                f"{n_new} new tokens, bf16 copy and fixed-size cache, {attn} attention")
             del sampler
@@ -293,7 +296,7 @@ def profiles(d, parts=("decode", "sft", "dpo"), decode_attn=("sdpa",)):
             fwd = {k: dist.to_device(rows[k][idx], device) for k in ("input_ids", "position_ids")}
             fwd.update(packing.boundaries(rows["position_ids"][idx], device))
             with dist.autocast(device):
-                logps = sft.label_logps(model, fwd, rows["labels"][idx], dist.logits_budget(-1, device))
+                logps = label_logps(model, fwd, rows["labels"][idx], dist.logits_budget(-1, device))
             return -logps.sum() / len(logps)
 
         steps[f"SFT packed step, rows of {SFT_ROWS} x {SFT_LEN}"] = ("sft", sft_step)
@@ -305,10 +308,8 @@ def profiles(d, parts=("decode", "sft", "dpo"), decode_attn=("sdpa",)):
         def dpo_step():  # dpo.py's step on 8 pairs, without its logging; zeros stand in for the reference log-probs
             batch = [pairs[(8 * next(step_no) + j) % len(pairs)] for j in range(8)]
             seqs = [c for c, _ in batch] + [r for _, r in batch]
-            fwd, labels, seq = dpo.collate(seqs, tok.pad_token_id, packed, device)
-            with dist.autocast(device):
-                logps_N = dpo.label_logps(model, fwd, labels, dist.logits_budget(-1, device))
-            logps_c, logps_r = dpo.seq_logps(logps_N, labels, seq, len(seqs))[0].chunk(2)
+            logps, _ = sequence_logps(model, seqs, tok.pad_token_id, packed, dist.logits_budget(-1, device), device)
+            logps_c, logps_r = logps.chunk(2)
             return dpo.dpo_loss(logps_c, logps_r, zeros, zeros, 0.1, 8)[0]
 
         steps["DPO packed step, 8 pairs"] = ("dpo", dpo_step)

@@ -4,7 +4,6 @@
 log-probabilities on the embedded 'large' shape (random weights: memory does not depend on them) with a 32768-token
 output embedding (the size of a real tokenizer's; the embedded one has 100 tokens, whose logits cost nothing).
 """
-import inspect
 import json
 import subprocess
 import sys
@@ -13,16 +12,7 @@ import pytest
 import torch
 from util import ROOT, metrics, run
 
-from algos import dpo, ipo, kto, online_dpo, orpo, rft, sft, simpo
-
-COPIES = [dpo, ipo, kto, online_dpo, orpo, rft, simpo]
-
-
-@pytest.mark.parametrize("module", COPIES, ids=lambda m: m.__name__.split(".")[-1])
-def test_every_copy_is_sfts(module):
-    """Each script carries its own copy (one file per algorithm); a fix to one must reach all."""
-    for name in ("ChunkedLogps", "label_logps"):
-        assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(sft, name)), name
+from common import logps as lp
 
 
 def batch(model):
@@ -40,7 +30,7 @@ def logps_and_grads(model, chunk, autocast):
     fwd, labels = batch(model)
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logps = sft.label_logps(model, fwd, labels, chunk * model.config.vocab_size)  # chunk positions a chunk
+        logps = lp.label_logps(model, fwd, labels, chunk * model.config.vocab_size)  # chunk positions a chunk
     # distinct weights per position, so a gradient routed to the wrong position or row would show
     (logps * torch.linspace(-1.0, 2.0, len(logps))).sum().backward()
     return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -72,16 +62,16 @@ def test_chunk_arithmetic_is_autograds_and_compiles_to_the_same():
     """The per-chunk functions against autograd of log_softmax in fp64; compiled (as on CUDA, here by the CPU
     compiler) against plain, on two chunk lengths (dynamic shapes) of bf16 logits."""
     torch.manual_seed(0)
-    compiled = {name: torch.compile(getattr(sft.ChunkedLogps, name), dynamic=True) for name in ("lse", "grad_logits")}
+    compiled = {name: torch.compile(getattr(lp.ChunkedLogps, name), dynamic=True) for name in ("lse", "grad_logits")}
     for n in (7, 12):
         logits = (3 * torch.randn(n, 300)).bfloat16()
         labels, g = torch.randint(0, 300, (n,)), torch.randn(n)
         exact = logits.double().requires_grad_()
         logp = torch.log_softmax(exact, -1).gather(-1, labels[:, None]).squeeze(-1)
         (logp * g).sum().backward()
-        lse = sft.ChunkedLogps.lse(logits)
+        lse = lp.ChunkedLogps.lse(logits)
         assert lse.dtype == torch.float32 and torch.allclose(lse.double(), exact.logsumexp(-1), atol=1e-5)
-        grad = sft.ChunkedLogps.grad_logits(logits, lse, labels, g)
+        grad = lp.ChunkedLogps.grad_logits(logits, lse, labels, g)
         assert grad.dtype == torch.bfloat16 and torch.allclose(grad.double(), exact.grad, atol=1e-2, rtol=1e-2)
         assert torch.allclose(compiled["lse"](logits), lse, atol=1e-5)
         fused_grad = compiled["grad_logits"](logits, lse, labels, g)
@@ -102,7 +92,7 @@ def test_chunked_on_gpu_matches_within_bf16():
     for chunk in (0, 40):
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logps = sft.label_logps(model, fwd, labels, chunk * cfg.vocab_size)
+            logps = lp.label_logps(model, fwd, labels, chunk * cfg.vocab_size)
         (logps * torch.linspace(-1.0, 2.0, len(logps), device="cuda")).sum().backward()
         results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (full, full_grads), (logps, grads) = results
@@ -114,7 +104,7 @@ def test_chunked_on_gpu_matches_within_bf16():
 def test_empty_selection_keeps_the_graph(model):
     """A micro-batch without labels still runs backward (every FSDP process must) and contributes exactly zero."""
     fwd, labels = batch(model)
-    logps = sft.label_logps(model, fwd, torch.full_like(labels, -100), 16 * model.config.vocab_size)
+    logps = lp.label_logps(model, fwd, torch.full_like(labels, -100), 16 * model.config.vocab_size)
     assert logps.shape == (0,) and logps.requires_grad
     model.zero_grad()
     logps.sum().backward()
@@ -166,7 +156,7 @@ def measure(chunk):
     cfg = LlamaConfig(vocab_size=32768, max_position_embeddings=1024, tie_word_embeddings=True, **toy.SIZES["large"])
     model = LlamaForCausalLM(cfg)  # fp32, the output embedding tied to the input one
     ids = torch.randint(0, 32768, (4, 1024))
-    logps = sft.label_logps(model, {"input_ids": ids}, ids, chunk * 32768)
+    logps = lp.label_logps(model, {"input_ids": ids}, ids, chunk * 32768)
     loss = -logps.mean()
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

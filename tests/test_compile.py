@@ -2,8 +2,8 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from algos.sft import label_logps
 from common import dist
+from common.logps import label_logps
 
 
 def logps_and_grads(model, ids, labels, positions):

@@ -80,6 +80,8 @@ def test_a_training_step_waits_for_the_gpu_no_more_than_the_models_forward(tok, 
     from transformers import AutoModelForCausalLM
 
     from algos import dpo
+    from common.logps import label_logps, seq_logps
+    from common.packing import collate
     from common.template import encode_response
     device = torch.device("cuda")
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation=dist.attn_impl(device)).to(device)
@@ -91,15 +93,15 @@ def test_a_training_step_waits_for_the_gpu_no_more_than_the_models_forward(tok, 
     packed = dist.attn_impl(device) != "sdpa"
 
     def forward():
-        fwd, _, _ = dpo.collate(seqs, tok.pad_token_id, packed, device)
+        fwd, _, _ = collate(seqs, tok.pad_token_id, packed, device)
         with torch.no_grad(), dist.autocast(device):
             model(**fwd, use_cache=False)
 
     def step():
-        fwd, labels, seq = dpo.collate(seqs, tok.pad_token_id, packed, device)
+        fwd, labels, seq = collate(seqs, tok.pad_token_id, packed, device)
         with dist.autocast(device):
-            logps_N = dpo.label_logps(model, fwd, labels, 16 * model.config.vocab_size)
-        (logps_c, logps_r), _ = (x.chunk(2) for x in dpo.seq_logps(logps_N, labels, seq, len(seqs)))
+            logps_N = label_logps(model, fwd, labels, 16 * model.config.vocab_size)
+        (logps_c, logps_r), _ = (x.chunk(2) for x in seq_logps(logps_N, labels, seq, len(seqs)))
         ref_c, ref_r = dist.to_device(ref, device).chunk(2)
         loss, rewards_c, rewards_r = dpo.dpo_loss(logps_c, logps_r, ref_c, ref_r, 0.1, 2)
         loss.backward()

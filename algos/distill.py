@@ -30,38 +30,37 @@ Run:  python algos/sft.py --model runs/toy/base_large --output_dir runs/sft_larg
       torchrun --nproc_per_node 8 algos/distill.py --teacher Qwen/Qwen2.5-7B-Instruct \
           --model Qwen/Qwen2.5-0.5B-Instruct --data chats.jsonl
 """
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
+from common.models import adamw, load_model, load_tokenizer, start_run  # noqa: E402
 from common.packing import fit, pad  # noqa: E402
 from common.template import IGNORE, encode_chat, encode_prompt  # noqa: E402
-
-MODES = ("seqkd", "forward_kl", "reverse_kl", "on_policy")
 
 
 @dataclass
 class Args:
-    mode: str = "forward_kl"  # seqkd | forward_kl | reverse_kl | on_policy
+    mode: Literal["seqkd", "forward_kl", "reverse_kl", "on_policy"] = "forward_kl"  # the signal the student learns from
     teacher: str = "runs/sft_large"  # frozen teacher (path or hub name), same tokenizer as the student
+    temperature: float = 1.0  # τ: softmax temperature of both distributions in the KL losses
+    gen_temperature: float = -1.0  # sampling temperature of generation; 0: greedy; <0: 0 for seqkd, 1 for on_policy
+    max_new_tokens: int = 16  # response length limit when the teacher (seqkd) or the student (on_policy) generates
     model: str = "runs/sft"  # the student to train; default: the small SFT model
     data: str = ""  # JSONL of conversations (or prompts for seqkd/on_policy); default: the embedded SFT set
     eval_data: str = ""  # JSONL of {"prompt","answer"}; default: the embedded eval set when --data is not given
     output_dir: str = ""  # model, args.json, metrics.jsonl, checkpoint/; default: runs/distill_<mode>
     max_len: int = 128  # tokens per conversation (longer ones truncated) or prompt (longer ones dropped); counted
-    max_new_tokens: int = 16  # response length limit when the teacher (seqkd) or the student (on_policy) generates
-    gen_temperature: float = -1.0  # sampling temperature of generation; 0: greedy; <0: 0 for seqkd, 1 for on_policy
-    temperature: float = 1.0  # τ: softmax temperature of both distributions in the KL losses
     batch_size: int = 32  # conversations (or prompts) per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-4  # peak learning rate (AdamW); a converged SFT student loses accuracy at 1e-3 before it gains
@@ -77,6 +76,7 @@ class Args:
     save_every: int = 100  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    # Speed and memory: none of these changes the loss
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
 
 
@@ -133,19 +133,34 @@ def load_records(path, tok, args):
     return docs, n_long
 
 
-def load_model(path, args, device):
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
-            trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        data.fail(f"cannot load model {path!r}: {str(e).splitlines()[0]}")
+@torch.no_grad()
+def generate(gen_model, prompts, tok, max_new_tokens, temperature, device):
+    """Left-padded prompts -> prompt + response, with the KV cache; response tokens after the first
+    eos are padding. Labels mark the response (its eos included), so the batch reads like an SFT one."""
+    width = max(len(p) for p, _ in prompts)
+    x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p, _ in prompts], device=device)
+    lengths = torch.tensor([len(p) for p, _ in prompts], device=device)
+    mask = torch.arange(width, device=device) >= width - lengths[:, None]  # left padding
+    was = gen_model.training
+    gen_model.eval()
+    with dist.autocast(device), dist.gathered(gen_model):  # FSDP2: gathered once for all tokens, not per token
+        out = gen_model.generate(
+            input_ids=x, attention_mask=mask.long(), max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=0, top_p=1.0,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced_gpus=dist.rank_world()[1] > 1)
+    gen_model.train(was)
+    resp = out[:, width:]
+    is_eos = resp == tok.eos_token_id
+    eos_seen = is_eos.long().cumsum(-1)
+    resp_mask = (eos_seen == 0) | ((eos_seen == 1) & is_eos)  # up to and including the first eos
+    ids = torch.cat([x, resp.masked_fill(~resp_mask, tok.pad_token_id)], 1)
+    labels = torch.cat([torch.full_like(x, IGNORE), resp.masked_fill(~resp_mask, IGNORE)], 1)
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.cat([mask, resp_mask], 1).long()}
 
 
 def main(args):
+    # Setup
     rank, world, device = dist.setup(args.seed)
-    if args.mode not in MODES:
-        data.fail(f"--mode {args.mode!r}: expected one of {', '.join(MODES)}")
     gen_t = args.gen_temperature if args.gen_temperature >= 0 else float(args.mode == "on_policy")
     embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("sft.jsonl")
@@ -160,20 +175,12 @@ def main(args):
             data.fail(f"--{name} {path} does not exist; build it first: {hint}")
 
     # Data and tokenizers, validated before anything is written.
-    toks = []
-    for path in (args.model, args.teacher):
-        try:
-            toks.append(AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code))
-        except (OSError, ValueError) as e:
-            data.fail(f"cannot load tokenizer {path!r}: {str(e).splitlines()[0]}")
-    tok, t_tok = toks
+    tok, t_tok = (load_tokenizer(path, args.trust_remote_code) for path in (args.model, args.teacher))
     student_spec = (tok.get_vocab(), tok.eos_token_id, tok.chat_template)
     teacher_spec = (t_tok.get_vocab(), t_tok.eos_token_id, t_tok.chat_template)
     if student_spec != teacher_spec:
         data.fail(f"tokenizers of --model {args.model!r} and --teacher {args.teacher!r} differ "
                   "(vocabulary, eos or chat template); distillation compares their predictions token by token")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     docs, n_long = load_records(args.data, tok, args)
     if not docs:
         data.fail(f"{args.data}: no usable record within max_len={args.max_len}")
@@ -188,63 +195,25 @@ def main(args):
     steps_per_epoch = len(docs) // G
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
-    # Models: the student trains, the teacher is frozen (eval mode, no gradients); dropout is 0 in both.
-    model, teacher = load_model(args.model, args, device), load_model(args.teacher, args, device)
-    V = len(tok)
-    for name, m in (("model", model), ("teacher", teacher)):
-        if V > m.get_input_embeddings().num_embeddings:
-            data.fail(f"tokenizer has {V} tokens but --{name} embeds only {m.get_input_embeddings().num_embeddings}")
+    # Models: the student trains, the teacher is frozen (eval mode, no gradients); dropout as their configs set it
+    model = load_model(args.model, tok, device, args.trust_remote_code, dropout=True)
+    teacher = load_model(args.teacher, tok, device, args.trust_remote_code, dropout=True)
+    V = len(tok)  # logits compared over the tokenizer's entries (deviation 2)
     teacher.requires_grad_(False)
     if args.gradient_checkpointing:
         dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
-    model, teacher = dist.shard(model, world, device), dist.shard(teacher, world, device)
-    model.train()
-    teacher.eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")  # one kernel for the whole update on CUDA
+    model, teacher = dist.shard(model, world, device).train(), dist.shard(teacher, world, device).eval()
+    opt = adamw(model, args, device)
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt = os.path.join(args.output_dir, "checkpoint")
-    start = dist.load_checkpoint(ckpt, model, opt, sched, rank) if args.resume else 0
-    if rank == 0:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start, report_to=args.report_to, config=asdict(args))
-    if start:
-        say(f"resumed from {ckpt} at step {start}")
-
-    @torch.no_grad()
-    def generate(gen_model, prompts):
-        """Left-padded prompts -> prompt + response, with the KV cache; response tokens after the first
-        eos are padding. Labels mark the response (its eos included), so the batch reads like an SFT one."""
-        width = max(len(p) for p, _ in prompts)
-        x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p, _ in prompts], device=device)
-        lengths = torch.tensor([len(p) for p, _ in prompts], device=device)
-        mask = torch.arange(width, device=device) >= width - lengths[:, None]  # left padding
-        was = gen_model.training
-        gen_model.eval()
-        with dist.autocast(device), dist.gathered(gen_model):  # FSDP2: gathered once for all tokens, not per token
-            out = gen_model.generate(
-                input_ids=x, attention_mask=mask.long(), max_new_tokens=args.max_new_tokens,
-                do_sample=gen_t > 0, temperature=gen_t if gen_t > 0 else None, top_k=0, top_p=1.0,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced_gpus=world > 1)
-        gen_model.train(was)
-        resp = out[:, width:]
-        is_eos = resp == tok.eos_token_id
-        eos_seen = is_eos.long().cumsum(-1)
-        resp_mask = (eos_seen == 0) | ((eos_seen == 1) & is_eos)  # up to and including the first eos
-        ids = torch.cat([x, resp.masked_fill(~resp_mask, tok.pad_token_id)], 1)
-        labels = torch.cat([torch.full_like(x, IGNORE), resp.masked_fill(~resp_mask, IGNORE)], 1)
-        return {"input_ids": ids, "labels": labels, "attention_mask": torch.cat([mask, resp_mask], 1).long()}
+    start, metrics, ckpt = start_run(args, model, opt, sched, rank)
 
     def batch_of(idx, seed):
         chunk = [docs[i] for i in idx.tolist()]
         torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
         if args.mode == "seqkd":
-            return generate(teacher, chunk)
-        if args.mode == "on_policy":
-            return generate(model, chunk)  # the student's own samples; no gradient flows through sampling
+            return generate(teacher, chunk, tok, args.max_new_tokens, gen_t, device)
+        if args.mode == "on_policy":  # the student's own samples; no gradient flows through sampling
+            return generate(model, chunk, tok, args.max_new_tokens, gen_t, device)
         return {k: v.to(device) for k, v in pad(chunk, tok.pad_token_id).items()}
 
     def evaluate():
@@ -253,6 +222,7 @@ def main(args):
             return {}
         return {"eval/accuracy": toy.evaluate(model, tok, eval_recs)}
 
+    # Loop
     if start == 0 and eval_recs:  # the starting point, so every run reports before and after; the teacher's once
         metrics.log(0, **evaluate(), **{"teacher/eval_accuracy": toy.evaluate(teacher, tok, eval_recs)})
     desc = f"distill {args.mode}"
@@ -295,20 +265,26 @@ def main(args):
         loss_step = dist.all_sum(loss_sum).item()
         if not math.isfinite(loss_step):
             data.fail(f"non-finite loss {loss_step} at step {step + 1}; stopping without saving a model")
-        gnorm = dist.grad_norm(model, args.max_grad_norm)
+        gnorm = dist.clip_grads(model, args.max_grad_norm)  # a tensor on the device: no host sync
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+
+        # Log, evaluate, checkpoint
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
             tps = dist.all_sum(tokens).item() / (time.time() - t_log)
             s = sums.reduce()
-            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
-            metrics.log(done, loss=loss_step, kl=s["kl"] / max(n_tokens, 1), lr=sched.get_last_lr()[0], grad_norm=gnorm,
-                        response_length=n_tokens / G, tokens_per_s=tps, peak_mem_gb=dist.peak_mem_gb(device), **extra)
+            eval_now = (args.eval_every and done % args.eval_every == 0) or done == total_steps
+            extra = evaluate() if eval_now else {}
+            metrics.log(done, loss=loss_step, kl=s["kl"] / max(n_tokens, 1), lr=sched.get_last_lr()[0],
+                        grad_norm=gnorm.item(), response_length=n_tokens / G, tokens_per_s=tps,
+                        peak_mem_gb=dist.peak_mem_gb(device), **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
+
+    # Save
     dist.save_model(model, tok, args.output_dir, rank)
     say(f"saved {args.output_dir}")
     dist.close()

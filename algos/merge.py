@@ -28,21 +28,21 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
-
-METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare")
+from common.models import load_model  # noqa: E402
 
 
 @dataclass
 class Args:
     models: list[str] = field(default_factory=lambda: ["runs/grpo"])  # models to merge (paths or hub names)
     base: str = "runs/sft"  # θ_base: the α=0 end of linear/slerp, the origin of task vectors; "" for none
-    method: str = "linear"  # linear | slerp | task_arithmetic | ties | dare
+    method: Literal["linear", "slerp", "task_arithmetic", "ties", "dare"] = "linear"  # how the weights are combined
     weights: list[float] = field(default_factory=list)  # w_i per model; default: 1/n (linear), 1 (task vectors)
     alpha: float = 0.5  # α: interpolation from the base (linear, slerp); the merged model saved by --sweep
     scale: float = 1.0  # λ: scale of the merged task vector (task_arithmetic, ties, dare)
@@ -150,13 +150,8 @@ def load(paths, args):
             data.fail(f"{p}: architecture {c.model_type}/{c.architectures} differs from {paths[0]}'s {theirs}")
         if t.get_vocab() != toks[0].get_vocab() or t.chat_template != toks[0].chat_template:
             data.fail(f"{p}: tokenizer (vocabulary or chat template) differs from {paths[0]}'s")
-    for p in paths:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                p, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
-        except (OSError, ValueError) as e:
-            data.fail(f"cannot load model {p!r}: {str(e).splitlines()[0]}")
-        models.append(model)
+    for p in paths:  # sdpa, transformers' default, on any device; dropout=True: the config is saved as loaded
+        models.append(load_model(p, toks[0], torch.device("cpu"), args.trust_remote_code, attn="sdpa", dropout=True))
     sds = [m.state_dict() for m in models]
     for p, sd in zip(paths[1:], sds[1:]):
         if sd.keys() != sds[0].keys():
@@ -221,9 +216,8 @@ def plot(rows, path):
 
 
 def main(args):
+    # Setup
     _, _, device = dist.setup(args.seed)
-    if args.method not in METHODS:
-        data.fail(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
     if args.method in ("task_arithmetic", "ties", "dare") and not args.base:
         data.fail(f"--method {args.method} needs --base (task vectors are θ_i - θ_base)")
     if args.method == "slerp" and len(args.models) + bool(args.base) != 2:
@@ -239,13 +233,15 @@ def main(args):
             script = f"algos/{os.path.basename(p)}.py"
             data.fail(f"{p} does not exist: build it first (python {script}) or pass another path")
     weights = args.weights or [1.0 / len(args.models) if args.method == "linear" else 1.0] * len(args.models)
+
+    # Data: the held-out prompts and the plain text that score each model
     eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
                  for w, r in data.read_jsonl(args.eval_data or toy.data("eval.jsonl"))]
     groups = [tuple(g.split(":", 1)) for g in args.eval_groups if ":" in g]
     with open(args.ppl_data or toy.data("plain_eval.txt"), encoding="utf-8") as f:
         lines = [ln.rstrip("\n") for ln in f if ln.strip()]
 
-    # Load and check everything before writing: the base (if any) comes first, so every model is compared to it.
+    # Models: loaded and checked before anything is written; the base (if any) first, so each is compared to it.
     paths = ([args.base] if args.base else []) + args.models
     models, tok = load(paths, args)
     first = {k: v.clone() for k, v in models[0].state_dict().items()}  # a copy: models[0] gets overwritten
@@ -255,6 +251,7 @@ def main(args):
         tok.pad_token = tok.eos_token
     out_model = models[0]
 
+    # Merge, and score the inputs and the result
     rows = []
     for p, m in zip(paths, models):  # the inputs' own scores: the ends of the sweep, the parts of a merge
         rows.append({"model": p, **score(m, tok, eval_recs, groups, lines, device)})
@@ -266,6 +263,7 @@ def main(args):
     out_model.load_state_dict(merged)
     rows.append({"model": "merged", "method": args.method, **score(out_model, tok, eval_recs, groups, lines, device)})
 
+    # Log
     os.makedirs(args.output_dir, exist_ok=True)
     metrics = data.Metrics(args.output_dir, True, report_to=args.report_to, config=asdict(args))
     for i, r in enumerate(rows):
@@ -278,6 +276,8 @@ def main(args):
         for r in sweep:
             print(f"{r['alpha']:5.2f}  {r['eval/accuracy']:13.3f}  {r['eval/perplexity']:15.3f}")
         plot(sweep, os.path.join(args.output_dir, "wiseft.png"))
+
+    # Save
     out_model.generation_config.pad_token_id = tok.pad_token_id
     dist.save_model(out_model, tok, args.output_dir, 0)  # files moved into place, config.json last
     print(f"saved {args.output_dir}")

@@ -12,20 +12,20 @@ Data: JSONL, {"prompt": ..., "chosen": ..., "rejected": ...} (strings or message
 Run:  python algos/rm.py
       torchrun --nproc_per_node 8 algos/rm.py --model runs/sft --data pairs.jsonl --max_len 1024
 """
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
+from common.models import adamw, load_model, load_tokenizer, start_run  # noqa: E402
 from common.template import IGNORE, encode_response  # noqa: E402
 
 
@@ -39,9 +39,8 @@ class Args:
     batch_size: int = 32  # pairs per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-4  # peak learning rate (AdamW); 1e-3 collapsed the last token's representation on some seeds
-    # Weight decay: on the embedded pairs (seeds 0/1/2) held-out pairwise accuracy was 0.754 / 0.715 / 0.742 without
-    # it (lr 3e-4), 0.777 / 0.797 / 0.758 with 0.1 and 0.855 / 0.793 / 0.828 with 0.5; without it the small model
-    # memorises training pairs instead of learning to check the answer, as in grokking (arXiv:2201.02177).
+    # Weight decay: without it the small model memorises the training pairs instead of learning to check the answer,
+    # as in grokking (arXiv:2201.02177); docs/results.md has the held-out accuracy with and without it
     weight_decay: float = 0.5  # AdamW weight decay (decoupled)
     max_grad_norm: float = 1.0  # gradient clipping
     max_steps: int = 3000  # optimizer steps (about 7 passes over the embedded pairs); 0: run --epochs over the data
@@ -54,6 +53,7 @@ class Args:
     save_every: int = 100  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    # Speed and memory: none of these changes the loss
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
 
 
@@ -82,21 +82,15 @@ def load_pairs(path, tok, args):
 
 
 def main(args):
+    # Setup
     rank, world, device = dist.setup(args.seed)
     embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("prefs.jsonl")
     args.eval_data = args.eval_data or (toy.data("prefs_eval.jsonl") if embedded else "")
     say = tqdm.write if rank == 0 else (lambda *_: None)
-    if args.model == "runs/sft" and not os.path.exists(args.model):
-        data.fail("runs/sft not found: run algos/sft.py first, or pass --model")
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
-    try:
-        tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        data.fail(f"cannot load tokenizer {args.model!r}: {str(e).splitlines()[0]}")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(args.model, args.trust_remote_code)
     pairs, n_long = load_pairs(args.data, tok, args)
     eval_pairs = load_pairs(args.eval_data, tok, args)[0] if args.eval_data else []
     if not pairs:
@@ -110,33 +104,16 @@ def main(args):
     steps_per_epoch = len(pairs) // G
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
-    # Model: the SFT backbone plus a freshly initialised scalar head ("score"), read at the last non-pad token.
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            args.model, num_labels=1, pad_token_id=tok.pad_token_id, dtype=torch.float32,
-            attn_implementation=dist.attn_impl(device), trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        data.fail(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}")
-    n_embed = model.get_input_embeddings().num_embeddings
-    if len(tok) > n_embed:
-        data.fail(f"tokenizer has {len(tok)} tokens but model {args.model!r} embeds only {n_embed}")
+    # Model: the SFT backbone plus a freshly initialised scalar head ("score"), read at the last non-pad token;
+    # dropout kept as its config sets it
+    model = load_model(args.model, tok, device, args.trust_remote_code, cls=AutoModelForSequenceClassification,
+                       dropout=True, num_labels=1, pad_token_id=tok.pad_token_id)
     if args.gradient_checkpointing:
         dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
-    model = dist.shard(model, world, device)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")  # one kernel for the whole update on CUDA
+    model = dist.shard(model, world, device).train()
+    opt = adamw(model, args, device)
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt = os.path.join(args.output_dir, "checkpoint")
-    start = dist.load_checkpoint(ckpt, model, opt, sched, rank) if args.resume else 0
-    if rank == 0:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start, report_to=args.report_to, config=asdict(args))
-    if start:
-        say(f"resumed from {ckpt} at step {start}")
+    start, metrics, ckpt = start_run(args, model, opt, sched, rank)
 
     def rewards(batch_pairs):
         """Chosen and rejected of every pair in one right-padded forward -> (r_chosen, r_rejected)."""
@@ -167,6 +144,7 @@ def main(args):
         s = sums.reduce()
         return {"eval/accuracy": s["correct"] / s["pairs"], "eval/margin": s["margin"] / s["pairs"]}
 
+    # Loop
     if start == 0 and eval_pairs:
         metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="rm")
@@ -193,21 +171,26 @@ def main(args):
         loss_step = dist.all_sum(loss_sum).item()
         if not math.isfinite(loss_step):
             data.fail(f"non-finite loss {loss_step} at step {step + 1}; stopping without saving a model")
-        gnorm = dist.grad_norm(model, args.max_grad_norm)
+        gnorm = dist.clip_grads(model, args.max_grad_norm)  # a tensor on the device: no host sync
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+
+        # Log, evaluate, checkpoint
         done = step + 1
         if done % args.log_every == 0 or done == total_steps:
             tps = dist.all_sum(tokens).item() / (time.time() - t_log)
             s = sums.reduce()
             ranked = {"rewards/accuracy": s["correct"] / s["pairs"], "rewards/margin": s["margin"] / s["pairs"]}
-            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
-            metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens_per_s=tps,
+            eval_now = (args.eval_every and done % args.eval_every == 0) or done == total_steps
+            extra = evaluate() if eval_now else {}
+            metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm.item(), tokens_per_s=tps,
                         peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **ranked, **extra)
             t_log, tokens = time.time(), 0.0
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
+
+    # Save
     dist.save_model(model, tok, args.output_dir, rank)
     say(f"saved {args.output_dir}")
     dist.close()

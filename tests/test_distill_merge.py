@@ -62,6 +62,16 @@ def test_seqkd_nll_by_hand():
     assert nll_loss(logits, torch.tensor([1, 1]), 4).item() == pytest.approx(by_hand, abs=1e-6)
 
 
+def test_a_bad_mode_or_method_is_a_one_line_usage_error(capsys):
+    from algos import distill, merge
+    for module, args, choices in ((distill, ["--mode", "kd"], "seqkd, forward_kl, reverse_kl, on_policy"),
+                                  (merge, ["--method", "mean"], "linear, slerp, task_arithmetic, ties, dare")):
+        with pytest.raises(SystemExit) as e:
+            module.parse_args(args)
+        expected = f"error: {args[0]} must be one of {choices}, got '{args[1]}' (see --help)"
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == expected
+
+
 # ---- merge methods on small tensors
 
 def test_linear_and_wise_ft():

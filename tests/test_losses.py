@@ -3,7 +3,10 @@ import math
 
 import torch
 
+from algos.distill import nll_loss
 from algos.rm import bt_loss
+from algos.sft import sft_loss
+from common.logps import token_logps
 
 
 def test_bradley_terry_by_hand():
@@ -22,3 +25,10 @@ def test_bradley_terry_edges_and_gradient_direction():
     bt_loss(rc, rr, 1).backward()
     assert rc.grad.item() < 0 < rr.grad.item()  # descent raises the chosen reward and lowers the rejected
     assert abs(rc.grad.item() + torch.sigmoid(torch.tensor(-0.2)).item()) < 1e-6  # dL/dr_w = -σ(r_l - r_w)
+
+
+def test_seqkd_nll_is_the_sft_loss():
+    """distill's seqkd loss is SFT's on the teacher's tokens: the same sum of log-probs over the same denominator."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 11), torch.randint(0, 11, (6,))
+    assert torch.allclose(nll_loss(logits, labels, 9), sft_loss(token_logps(logits, labels), 9))

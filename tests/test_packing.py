@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from util import chat
 
 from algos.sft import sft_loss
+from common.logps import label_logps, token_logps
 from common.packing import boundaries as packing_boundaries
 from common.packing import fit, pack, pad
 from common.template import IGNORE, encode_chat
@@ -72,10 +73,10 @@ def test_packed_loss_equals_padded_loss(tok, model):
     n = (padded["labels"][:, 1:] != IGNORE).sum().item()
     assert n == (rows["labels"][:, 1:] != IGNORE).sum().item()
     with torch.no_grad():
-        packed = model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False).logits
-        lp = sft_loss(packed, rows["labels"], n)
-        padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False)
-        lb = sft_loss(padded_logits.logits, padded["labels"], n)
+        packed = label_logps(model, {k: rows[k] for k in ("input_ids", "position_ids")}, rows["labels"], 0)
+        lp = sft_loss(packed, n)
+        padded_logps = label_logps(model, {k: padded[k] for k in ("input_ids", "attention_mask")}, padded["labels"], 0)
+        lb = sft_loss(padded_logps, n)
     assert abs(lp.item() - lb.item()) < 1e-5
 
 
@@ -86,8 +87,10 @@ def test_sft_loss_by_hand():
     lse0 = math.log(math.exp(1) + math.exp(2) + math.exp(3))
     lse2 = math.log(math.exp(5) + 2 * math.exp(1))
     by_hand = ((lse0 - 3.0) + (lse2 - 5.0)) / 2
-    assert abs(sft_loss(logits, labels, 2).item() - by_hand) < 1e-6
-    assert abs(sft_loss(logits, labels, 4).item() - by_hand / 2) < 1e-6  # the denominator is the global count given
+    mask = labels[:, 1:] != IGNORE
+    logps = token_logps(logits[:, :-1][mask], labels[:, 1:][mask])  # as label_logps takes them from full logits
+    assert abs(sft_loss(logps, 2).item() - by_hand) < 1e-6
+    assert abs(sft_loss(logps, 4).item() - by_hand / 2) < 1e-6  # the denominator is the global count given
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), is_causal=False,

@@ -81,13 +81,18 @@ def test_tokenizer_without_template_is_refused(tok):
 
 def test_fully_masked_micro_batch_contributes_zero_not_nan(tok):
     from algos.sft import sft_loss
+    from common.logps import token_logps
+
+    def loss_of(logits_BTV, labels_BT, n):  # as sft.py: the labelled positions' log-probs, then sft_loss
+        mask = labels_BT[:, 1:] != IGNORE
+        return sft_loss(token_logps(logits_BTV[:, :-1][mask], labels_BT[:, 1:][mask]), n)
     logits = torch.randn(2, 5, len(tok), requires_grad=True)
     labels = torch.full((2, 5), IGNORE)
-    loss = sft_loss(logits, labels, n_tokens=0)
+    loss = loss_of(logits, labels, n=0)
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(logits.grad).all() and (logits.grad == 0).all()
     # and beside a micro-batch with labels, the step's loss is that micro-batch's alone
     labels2 = torch.tensor([[IGNORE, 3, 4, IGNORE, IGNORE], [IGNORE] * 5])
     n = 2
-    both = sft_loss(logits, labels2, n) + sft_loss(logits, labels, n)
-    assert torch.allclose(both, sft_loss(logits[:1], labels2[:1], n))
+    both = loss_of(logits, labels2, n) + loss_of(logits, labels, n)
+    assert torch.allclose(both, loss_of(logits[:1], labels2[:1], n))

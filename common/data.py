@@ -130,7 +130,7 @@ def parse(cls, argv=None):
     parser = HfArgumentParser(cls)
 
     def error(message):  # one line, not argparse's usage block
-        choice = re.match(r"argument --(\w+): invalid choice: '(.*)' \(choose from (.*)\)", message)
+        choice = re.match(r"argument --(\w+)[^:]*: invalid choice: '(.*)' \(choose from (.*)\)", message)
         if choice:  # a Literal-typed field: the same words as every other choice
             message = f"--{choice[1]} must be one of {choice[3].replace(chr(39), '')}, got '{choice[2]}'"
         print(f"error: {message} (see --help)", file=sys.stderr)

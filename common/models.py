@@ -69,9 +69,10 @@ def adamw(model, args, device):
                              fused=device.type == "cuda")
 
 
-def start_run(args, model, opt, sched, rank):
+def start_run(args, model, opt, sched, rank, unit="step"):
     """-> (step to start from, metrics writer, checkpoint path). Creates output_dir, loads the checkpoint under
-    --resume, writes args.json (rank 0). Called once the data and models are loaded and checked."""
+    --resume, writes args.json (rank 0). Called once the data and models are loaded and checked. unit: what the
+    resumed count counts, as the message names it (rft checkpoints rounds)."""
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt = os.path.join(args.output_dir, "checkpoint")
     start = dist.load_checkpoint(ckpt, model, opt, sched, rank) if args.resume else 0
@@ -81,5 +82,5 @@ def start_run(args, model, opt, sched, rank):
     metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start, report_to=args.report_to,
                            config=asdict(args))
     if start and rank == 0:
-        tqdm.write(f"resumed from {ckpt} at step {start}")
+        tqdm.write(f"resumed from {ckpt} at {unit} {start}")
     return start, metrics, ckpt

@@ -90,7 +90,7 @@ def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, 
 OWN = [
     ("dpo", ["--compile", "yes"], "error: --compile must be auto|true|false", 1),
     ("grpo", ["--static_cache", "on"], "error: --static_cache must be auto|true|false", 1),
-    ("rloo", ["--share_prompt", "yes"], "error: --share_prompt must be auto|true|false", 1),
+    ("rloo", ["--share_prompt", "yes"], "error: --share_prompt must be one of auto, true, false, got 'yes'", 2),
     ("online_dpo", ["--batch_size", "0"], "error: --batch_size must be positive, got 0", 2),
     ("online_dpo", ["--max_new_tokens", "0"], "error: --max_new_tokens must be positive, got 0", 2),
     ("online_dpo", ["--data", "nowhere.jsonl"], "error: nowhere.jsonl: no such file", 1),

@@ -64,6 +64,7 @@ def test_reward_model_scores_match_one_row_each(sft_run):
     (prompt, completion) alone in a row of its own: the head reads the same last token."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
+    from common.sampling import generate, rm_scores
     from common.template import encode_prompt
     tok = AutoTokenizer.from_pretrained(sft_run)
     policy = AutoModelForCausalLM.from_pretrained(sft_run, attn_implementation="sdpa").eval()
@@ -73,9 +74,9 @@ def test_reward_model_scores_match_one_row_each(sft_run):
     cfg = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=12, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id)
     cpu = torch.device("cpu")
-    comp, mask, ended = rft.generate(policy, prompts, 3, tok, cfg, cpu)
+    comp, mask, ended = generate(policy, prompts, 3, tok, cfg, cpu)
     assert ended.any() and len(set(mask.sum(-1).tolist())) > 1  # completions of different lengths
-    scores = rft.rm_scores(rm, prompts, comp, mask, 3, tok.pad_token_id, cpu)
+    scores = rm_scores(rm, prompts, comp, mask, 3, tok.pad_token_id, cpu)
     with torch.no_grad():
         alone = [rm(input_ids=torch.tensor([prompts[i // 3] + comp[i, :int(mask[i].sum())].tolist()])).logits[0, 0]
                  for i in range(len(comp))]

@@ -88,8 +88,9 @@ def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, 
 
 # Each script's own sizes and files, from the embedded base model (the shared checks are sft's, above).
 OWN = [
-    ("dpo", ["--compile", "yes"], "error: --compile must be auto|true|false", 1),
-    ("grpo", ["--static_cache", "on"], "error: --static_cache must be auto|true|false", 1),
+    ("dpo", ["--compile", "yes"], "error: --compile must be one of auto, true, false, got 'yes'", 2),
+    ("grpo", ["--static_cache", "on"], "error: --static_cache must be one of auto, true, false, got 'on'", 2),
+    ("grpo", ["--kl_estimator", "k4"], "error: --kl_estimator must be one of k1, k2, k3, got 'k4'", 2),
     ("rloo", ["--share_prompt", "yes"], "error: --share_prompt must be one of auto, true, false, got 'yes'", 2),
     ("online_dpo", ["--batch_size", "0"], "error: --batch_size must be positive, got 0", 2),
     ("online_dpo", ["--max_new_tokens", "0"], "error: --max_new_tokens must be positive, got 0", 2),

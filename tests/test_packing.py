@@ -195,23 +195,11 @@ def test_packed_logits_equal_per_document_on_gpu(impl):
     assert worst(leaky) > 0.1  # the check sees documents attending to each other
 
 
-PREFERENCE = ["dpo", "ipo", "kto", "orpo", "simpo", "online_dpo"]
-
-
-@pytest.mark.parametrize("name", PREFERENCE)
-def test_preference_copies_are_dpos(name):
-    """collate and seq_logps are copied into each preference script; a fix to one must reach all."""
-    import importlib
-    import inspect
-    module, dpo = importlib.import_module(f"algos.{name}"), importlib.import_module("algos.dpo")
-    for fn in ("collate", "seq_logps"):
-        assert inspect.getsource(getattr(module, fn)) == inspect.getsource(getattr(dpo, fn)), fn
-
-
 def test_packed_preference_batch_equals_padded(tok, model):
     """The sequences of a preference micro-batch packed into one row give each sequence's summed log-probability and
     response length exactly as right-padded rows do (per-document attention, no cross-talk), and gradients too."""
-    from algos.dpo import collate, label_logps, seq_logps
+    from common.logps import label_logps, seq_logps
+    from common.packing import collate
     from common.template import encode_response
     seqs = [encode_response(tok, [{"role": "user", "content": q}], [{"role": "assistant", "content": a}])
             for q, a in (("What is 1+2?", "1+2=3"), ("What is 40+2?", "40+2=42 is the answer"),

@@ -32,49 +32,36 @@ Run:  python algos/ppo.py
       torchrun --nproc_per_node 8 algos/ppo.py --model sft_out --reward_model rm_out --data prompts.jsonl
       python algos/ppo.py --reward verifier   # the same reward as grpo.py, for a comparison on equal terms
 """
-import copy
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tqdm import tqdm
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, AutoTokenizer, GenerationConfig, StaticCache,
-                          get_constant_schedule_with_warmup)
+from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, GenerationConfig,
+                          StaticCache, get_constant_schedule_with_warmup)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
+from common.logps import logps_entropy  # noqa: E402
+from common.models import load_model, load_tokenizer, start_run  # noqa: E402
+from common.sampling import bf16_sampler, distinct2, rm_scores  # noqa: E402
 from common.template import IGNORE, encode_prompt, encode_response  # noqa: E402
 
 
 @dataclass
 class Args:
-    model: str = "runs/sft"  # the actor's starting point (path or hub name); default: the SFT output
-    reward: str = "model"  # model: the reward model's score (RLHF); verifier: exact match of the final number
+    reward: Literal["model", "verifier"] = "model"  # model: the RM's score (RLHF) | verifier: match of the final number
     reward_model: str = "runs/rm"  # reward model from rm.py, also the critic's initialisation (--reward model)
-    ref_model: str = ""  # frozen reference of the KL penalty; default: --model
-    data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
-    eval_data: str = ""  # held-out {"prompt", "answer"} JSONL; default: the embedded eval set when --data is not given
-    output_dir: str = "runs/ppo"  # model, args.json, metrics.jsonl, checkpoint/
-    max_len: int = 256  # prompts longer than max_len - max_new_tokens are dropped (and counted)
-    batch_size: int = 64  # prompts per process per rollout
     group_size: int = 1  # completions sampled per prompt
-    grad_accum: int = 1  # micro-batches per minibatch
     num_minibatches: int = 4  # optimizer steps per PPO epoch: the rollout is split into this many
     ppo_epochs: int = 4  # passes over each rollout
-    max_new_tokens: int = 12  # completion length limit
-    static_cache: str = "auto"  # static KV cache, compiled decode (see rollout): true|false|auto (one CUDA process)
-    temperature: float = 1.0  # sampling temperature (log-probs use the same scaled logits)
-    top_p: float = 1.0  # nucleus sampling
-    mask_truncated: bool = False  # completions without an end-of-turn token carry no loss
-    missing_eos_penalty: float = 1.0  # subtracted from the RM score of a completion without end-of-turn token
     beta: float = 0.2  # KL coefficient β (the controller's starting value with --adaptive_kl)
-    kl_estimator: str = "k1"  # k1 | k2 | k3, estimator of KL_t from log π_old - log π_ref
-    kl_placement: str = "reward"  # reward: r_t = -β KL_t (InstructGPT); loss: + β Ê_t[KL_t] in the loss
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # estimator of KL_t from log π_old - log π_ref
+    kl_placement: Literal["reward", "loss"] = "reward"  # reward: r_t = -β KL_t (InstructGPT); loss: + β Ê_t[KL_t]
     adaptive_kl: bool = False  # adapt β towards --kl_target (Ziegler et al.'s proportional controller)
     kl_target: float = 1.0  # target sequence KL of the controller (nats)
     kl_horizon: int = 10000  # controller horizon (samples)
@@ -85,8 +72,21 @@ class Args:
     vf_coef: float = 0.1  # c_v
     ent_coef: float = 0.0  # c_H, entropy bonus
     target_kl: float = 0.0  # stop the rollout's updates when a minibatch's approx KL(π_old‖πθ) exceeds it (0: off)
-    lr: float = 1e-4  # actor learning rate (AdamW)
     critic_lr: float = 3e-4  # critic learning rate
+    mask_truncated: bool = False  # completions without an end-of-turn token carry no loss
+    missing_eos_penalty: float = 1.0  # subtracted from the RM score of a completion without end-of-turn token
+    model: str = "runs/sft"  # the actor's starting point (path or hub name); default: the SFT output
+    ref_model: str = ""  # frozen reference of the KL penalty; default: --model
+    data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
+    eval_data: str = ""  # held-out {"prompt", "answer"} JSONL; default: the embedded eval set when --data is not given
+    output_dir: str = "runs/ppo"  # model, args.json, metrics.jsonl, checkpoint/
+    max_len: int = 256  # prompts longer than max_len - max_new_tokens are dropped (and counted)
+    batch_size: int = 64  # prompts per process per rollout
+    grad_accum: int = 1  # micro-batches per minibatch
+    max_new_tokens: int = 12  # completion length limit
+    temperature: float = 1.0  # sampling temperature (log-probs use the same scaled logits)
+    top_p: float = 1.0  # nucleus sampling
+    lr: float = 1e-4  # actor learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping, actor and critic separately
     max_steps: int = 100  # rollouts; 0: --epochs passes over the prompts
@@ -99,14 +99,20 @@ class Args:
     save_every: int = 50  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    # Speed and memory: none of these changes the loss
+    static_cache: Literal["auto", "true", "false"] = "auto"  # fixed-size KV cache, compiled decode; auto: 1 CUDA proc
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
 
 
-def kl_estimate(logps_BT, ref_logps_BT, kind):
-    """Per-token estimators of KL(π‖π_ref) from samples of π, with log r = log π_ref - log π (Schulman 2020):
-    k1 = -log r (unbiased), k2 = ½ (log r)² (biased, low variance), k3 = (r - 1) - log r (unbiased, ≥ 0)."""
-    log_r = ref_logps_BT - logps_BT
-    return {"k1": -log_r, "k2": 0.5 * log_r ** 2, "k3": torch.expm1(log_r) - log_r}[kind]
+def kl_estimate(logps, ref_logps, kind="k3"):
+    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π, with log r = log π_ref - log π:
+    k1 = -log r (unbiased), k2 = (log r)²/2 (biased, low variance), k3 = r - 1 - log r (unbiased, ≥ 0)."""
+    log_r = ref_logps - logps
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return log_r ** 2 / 2
+    return torch.exp(log_r) - 1 - log_r  # k3
 
 
 def token_rewards(scores_B, kl_BT, mask_BT, beta):
@@ -160,58 +166,6 @@ def adaptive_kl(beta, kl, kl_target, n_samples, horizon):
     return beta * (1 + max(-0.2, min(0.2, kl / kl_target - 1)) * n_samples / horizon)
 
 
-def distinct2(comps):
-    """Distinct bigrams over all bigrams of one prompt's completions (1: all different, low: mode collapse)."""
-    grams = [tuple(c[j:j + 2]) for c in comps for j in range(len(c) - 1)]
-    return len(set(grams)) / max(len(grams), 1)
-
-
-def logps_entropy(logits_BTV, tokens_BT, entropy_grad=False, chunk=16):
-    """log π(y_t) = z[y_t] - logsumexp(z) and H_t = logsumexp(z) - Σ_v softmax(z)_v z_v,
-    a few rows at a time (fp32)."""
-    lps, ents = [], []
-    for z, y in zip(logits_BTV.split(chunk), tokens_BT.split(chunk)):
-        z = z.float()
-        lps.append(z.gather(-1, y[..., None]).squeeze(-1) - z.logsumexp(-1))
-        z = z if entropy_grad else z.detach()
-        ents.append(z.logsumexp(-1) - (z.softmax(-1) * z).sum(-1))
-    return torch.cat(lps), torch.cat(ents)
-
-
-def load(cls, path, args, device, **config):
-    """A model with every dropout rate 0 and the given config fields set, in eval mode (gradients still flow):
-    the update's train mode under --gradient_checkpointing then computes the same function."""
-    try:
-        cfg = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        for c in (cfg, cfg.get_text_config()):  # attention dropout is often a config rate, not a module
-            c.update({k: 0.0 for k, v in c.to_dict().items() if "dropout" in k and isinstance(v, float)})
-        cfg.update(config)
-        m = cls.from_pretrained(path, config=cfg, dtype=torch.float32, attn_implementation=dist.attn_impl(device),
-                                trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        data.fail(f"cannot load model {path!r}: {str(e).splitlines()[0]}")
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.Dropout):
-            mod.p = 0.0
-    return m.to(device).eval()
-
-
-@torch.no_grad()
-def bf16_sampler(model, sampler=None):
-    """The policy's weights in bf16 for sampling with the fixed-size cache: a copy of the module whose parameters are
-    bf16 casts (no fp32 duplicate is made; tied weights stay tied), built on the first call and refreshed in place
-    from the policy on each later one. With the fp32 weights, every decode product and the attention ran on the GPU's
-    fp32 cores (an H200 profile of 64 rows x 256 tokens: 11 of 13.5 GPU-ms a token); bf16 puts them on the tensor
-    cores, at the precision of the bf16-autocast forwards that score the samples. Costs 2 bytes a parameter."""
-    if sampler is None:
-        bf16 = {id(p): torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
-                for p in model.parameters()}
-        return copy.deepcopy(model, bf16).eval()
-    for s, p in zip(sampler.parameters(), model.parameters()):
-        s.copy_(p)
-    return sampler
-
-
 def load_prompts(path, tok, args, need_str=False, need_answer=False):
     """-> [(prompt ids, answer or None, prompt text)], prompts rendered by the chat template's generation prompt."""
     out, n_long = [], 0
@@ -225,48 +179,131 @@ def load_prompts(path, tok, args, need_str=False, need_answer=False):
     return out, n_long
 
 
+def check_reward_tokenizer(tok, args):
+    """The RM reads the actor's sampled ids. It was trained on encode_response cut after the response's end-of-turn
+    token: prompt + sampled ids up to EOS are that sequence only with the same vocabulary and a chat template that
+    closes an assistant turn with the EOS token."""
+    if args.reward_model == "runs/rm" and not os.path.exists(args.reward_model):
+        data.fail("runs/rm not found: run algos/rm.py first, or pass --reward_model")
+    if load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tok.get_vocab():
+        data.fail(f"reward model {args.reward_model!r} has another tokenizer than {args.model!r}; "
+                  "it must read the sampled ids")
+    ids, labels = encode_response(tok, [{"role": "user", "content": "1"}], [{"role": "assistant", "content": "2"}])
+    if ids[max(i for i, l in enumerate(labels) if l != IGNORE)] != tok.eos_token_id:
+        data.fail(f"chat template of {args.model!r} does not end an assistant turn "
+                  f"with the EOS token {tok.eos_token!r}")
+
+
+def load_models(args, tok, use_rm, world, device):
+    """-> (actor, reference, reward model or None, critic), in eval mode, dropout off in each (TRL #744): actor and
+    reference (causal LMs), the reward model (score read at the last non-pad token), and the critic: the reward
+    model's backbone with the same bias-free score head applied at every position; with the verifier, the SFT
+    model's backbone with a new head, zeroed so that V starts at 0 (the verifier's failure). Loaded in this order:
+    the new head's initialisation draws from the RNG."""
+    actor = dist.shard(load_model(args.model, tok, device, args.trust_remote_code), world, device).eval()
+    ref = load_model(args.ref_model, tok, device, args.trust_remote_code)
+    ref = dist.shard(ref, world, device).eval().requires_grad_(False)
+    rm = None
+    if use_rm:
+        rm = load_model(args.reward_model, tok, device, args.trust_remote_code, cls=AutoModelForSequenceClassification)
+        rm = dist.shard(rm, world, device).eval().requires_grad_(False)
+        if rm.config.pad_token_id != tok.pad_token_id or tok.pad_token_id == tok.eos_token_id:  # the head pools non-pad
+            data.fail(f"reward model {args.reward_model!r} needs the tokenizer's pad token {tok.pad_token!r}, "
+                      "and one other than EOS")
+    critic = load_model(args.reward_model if use_rm else args.model, tok, device, args.trust_remote_code,
+                        cls=AutoModelForTokenClassification, num_labels=1, classifier_dropout=0.0,
+                        token_classification_bias=False)
+    if not use_rm:
+        torch.nn.init.zeros_(critic.score.weight)
+    return actor, ref, rm, dist.shard(critic, world, device).eval()
+
+
+@torch.no_grad()
+def rollout(actor, sampler, prompt_ids, gen_cfg, tok, static_len, device):
+    """Left-padded prompts -> completions sampled with the KV cache: (ids_BL, attn_BL, P, mask_BT, has_eos_B); the
+    mask holds every token up to and including the first EOS. static_len > 0: a fixed-size cache (compiled decode on
+    CUDA). Without autocast, in the weights' own dtype (fp32, or bf16 through the sampler): see common.sampling."""
+    P = max(map(len, prompt_ids))
+    x = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompt_ids], device=device)
+    lens = torch.tensor([len(p) for p in prompt_ids], device=device)
+    attn = (torch.arange(P, device=device) >= P - lens[:, None]).long()
+    policy = bf16_sampler(actor, sampler) if sampler is not None else actor
+    cache = dist.cache_kwarg(actor, StaticCache(config=actor.config, max_cache_len=static_len)) if static_len else {}
+    with dist.gathered(policy):  # under FSDP2: the weights gathered once for all tokens, not at every token
+        out = policy.generate(input_ids=x, attention_mask=attn, generation_config=gen_cfg,
+                              synced_gpus=dist.rank_world()[1] > 1, **cache)
+    is_eos = out[:, P:] == tok.eos_token_id
+    mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
+    return out, torch.cat([attn, mask.long()], 1), P, mask, is_eos.any(1)
+
+
+def forward(model, ids, attn, T, **kw):
+    """Logits (or values) at the T positions that predict the completion tokens; positions count real tokens only."""
+    pos = (attn.cumsum(1) - 1).clamp(min=0)  # as generate() numbered them under left padding
+    with dist.autocast(ids.device):
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **kw)
+        return out.logits[:, -T - 1:-1]
+
+
+def sampled_logps(model, ids, attn, T, temperature, entropy_grad=False):
+    """log π(y_t) = z[y_t] - logsumexp(z) and H_t = logsumexp(z) - Σ_v softmax(z)_v z_v, z = logits / temperature
+    (the sampled distribution), for the T completion tokens: (B, T) each."""
+    logits_BTV = forward(model, ids, attn, T, logits_to_keep=T + 1)
+    logps_N, ents_N = logps_entropy(logits_BTV.flatten(0, 1), ids[:, -T:].flatten(), temperature, entropy_grad)
+    return logps_N.view(-1, T), ents_N.view(-1, T)
+
+
+@torch.no_grad()
+def rm_score(rm, prompt_ids, comp_BT, mask_BT, has_eos_B, tok):
+    """r_ψ(x, y) read at the end-of-turn token; a truncated completion gets one appended first (deviation 4)."""
+    comp_BT = torch.cat([comp_BT, torch.full_like(comp_BT[:, :1], tok.pad_token_id)], 1)
+    mask_BT = torch.cat([mask_BT, torch.zeros_like(mask_BT[:, :1])], 1)
+    cut = (~has_eos_B).nonzero().squeeze(1)
+    end = mask_BT.sum(1)[cut]
+    comp_BT[cut, end], mask_BT[cut, end] = tok.eos_token_id, True
+    return rm_scores(rm, prompt_ids, comp_BT, mask_BT, 1, tok.pad_token_id, comp_BT.device)
+
+
+def evaluate(actor, sampler, rm, tok, eval_prompts, greedy, static_len, device):
+    """Gold: held-out greedy accuracy (toy.evaluate); RM: mean score of the same prompts' greedy completions.
+    Without an eval set: {}, and the metrics line has no eval keys."""
+    if not eval_prompts:
+        return {}
+    acc = toy.evaluate(actor, tok, [{"prompt": raw, "answer": a} for _, a, raw in eval_prompts])
+    if rm is None:
+        return {"eval/accuracy": acc}
+    rank, world = dist.rank_world()
+    per = -(-len(eval_prompts) // world)
+    mine, sums = eval_prompts[rank * per:(rank + 1) * per], dist.Sums(device)
+    for i in range(0, per, 256):  # the same number of generate calls on every process
+        chunk = mine[i:i + 256]
+        prompt_ids = [p for p, _, _ in chunk or eval_prompts[:1]]
+        ids, attn, P, mask, has_eos = rollout(actor, sampler, prompt_ids, greedy, tok, static_len, device)
+        scores = rm_score(rm, prompt_ids, ids[:, P:], mask, has_eos, tok)[:len(chunk)]
+        sums.add({"rm_score": scores.sum(), "samples": len(scores)})
+    s = sums.reduce()
+    return {"eval/accuracy": acc, "eval/rm_score": s["rm_score"] / s["samples"]}
+
+
 def main(args):
+    # Setup
     rank, world, device = dist.setup(args.seed)
-    if args.static_cache not in ("auto", "true", "false"):
-        data.fail("--static_cache must be auto|true|false")
-    static = args.static_cache == "true" or (args.static_cache == "auto" and device.type == "cuda" and world == 1)
+    static = data.resolve(args.static_cache, auto=device.type == "cuda" and world == 1)
     static_len = args.max_len if static else 0  # positions of the sampling cache (0: a dynamic cache)
     embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("rl.jsonl")
     args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
     args.ref_model = args.ref_model or args.model
     say = tqdm.write if rank == 0 else (lambda *_: None)
-    if args.reward not in ("model", "verifier"):
-        data.fail(f"--reward must be model or verifier, got {args.reward!r}")
     use_rm = args.reward == "model"
-    needed = (args.model, "model", "sft"), (args.reward_model, "reward_model", "rm")
-    for path, flag, script in needed[:1 + use_rm]:
-        if path == f"runs/{script}" and not os.path.exists(path):
-            data.fail(f"{path} not found: run algos/{script}.py first, or pass --{flag}")
     rows = args.batch_size * args.group_size  # completions per process per rollout
-    if args.kl_estimator not in ("k1", "k2", "k3") or args.kl_placement not in ("reward", "loss"):
-        data.fail("--kl_estimator must be k1|k2|k3, --kl_placement reward|loss")
     if rows % (args.num_minibatches * args.grad_accum):
         data.fail("batch_size*group_size must be a multiple of num_minibatches*grad_accum")
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
-    critic_from = args.reward_model if use_rm else args.model
-    try:
-        tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        rm_tok = AutoTokenizer.from_pretrained(critic_from, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        reason = str(e).splitlines()[0]
-        data.fail(f"cannot load the tokenizer of {args.model!r} or {critic_from!r}: {reason}")
-    tok.pad_token = tok.pad_token or tok.eos_token
-    if use_rm and rm_tok.get_vocab() != tok.get_vocab():
-        data.fail(f"reward model {args.reward_model!r} has another tokenizer than {args.model!r}; "
-                  "it must read the sampled ids")
-    # The RM was trained on encode_response cut after the response's end-of-turn token: prompt + sampled ids up
-    # to EOS are that sequence only if the chat template closes an assistant turn with the EOS token.
-    ids, labels = encode_response(tok, [{"role": "user", "content": "1"}], [{"role": "assistant", "content": "2"}])
-    if use_rm and ids[max(i for i, l in enumerate(labels) if l != IGNORE)] != tok.eos_token_id:
-        data.fail(f"chat template of {args.model!r} does not end an assistant turn "
-                  f"with the EOS token {tok.eos_token!r}")
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    if use_rm:
+        check_reward_tokenizer(tok, args)
     prompts, n_long = load_prompts(args.data, tok, args, need_answer=not use_rm)
     eval_prompts = load_prompts(args.eval_data, tok, args, need_str=True)[0] if args.eval_data else []
     say(f"{len(prompts)} prompts; {n_long} longer than max_len - max_new_tokens were dropped")
@@ -277,146 +314,50 @@ def main(args):
     steps_per_epoch = len(prompts) // G
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
-    # Models: actor and reference (causal LMs), reward model (score read at the last non-pad token), and the
-    # critic: the reward model's backbone with the same bias-free score head applied at every position; with the
-    # verifier, the SFT model's backbone with a new head, zeroed so that V starts at 0 (the verifier's failure).
-    actor = load(AutoModelForCausalLM, args.model, args, device)
-    ref = load(AutoModelForCausalLM, args.ref_model, args, device).requires_grad_(False)
-    rm = load(AutoModelForSequenceClassification, args.reward_model, args, device).requires_grad_(False) \
-        if use_rm else None
-    critic = load(AutoModelForTokenClassification, critic_from, args, device, num_labels=1,
-                  classifier_dropout=0.0, token_classification_bias=False)
-    if not use_rm:
-        torch.nn.init.zeros_(critic.score.weight)
+    # Models: actor, reference, reward model and critic (see load_models), each in eval mode with dropout off
+    actor, ref, rm, critic = load_models(args, tok, use_rm, world, device)
     sampler = bf16_sampler(actor) if static and world == 1 else None  # the fixed-size cache's decode runs in bf16
-    for name, m in (("model", actor), ("ref_model", ref), ("reward_model", rm))[:2 + use_rm]:
-        n_embed = m.get_input_embeddings().num_embeddings
-        if len(tok) > n_embed:
-            data.fail(f"tokenizer has {len(tok)} tokens but --{name} embeds only {n_embed}")
-    if use_rm and (rm.config.pad_token_id != tok.pad_token_id or tok.pad_token_id == tok.eos_token_id):  # pools non-pad
-        data.fail(f"reward model {args.reward_model!r} needs the tokenizer's pad token {tok.pad_token!r}, "
-                  "and one other than EOS")
     if args.gradient_checkpointing:
         for m in (actor, critic):
             dist.gradient_checkpointing(m)  # recompute each layer's activations in backward: less memory
-    actor, ref, critic = (dist.shard(m, world, device) for m in (actor, ref, critic))
-    rm = dist.shard(rm, world, device) if use_rm else None
     both = torch.nn.ModuleDict({"actor": actor, "critic": critic})  # one checkpoint for both, written atomically
-    beta_state = torch.tensor(args.beta, dtype=torch.float64, device="cpu")  # the KL controller's state
-    both.register_buffer("beta", beta_state)
+    both.register_buffer("beta", torch.tensor(args.beta, dtype=torch.float64, device="cpu"))  # the KL controller
     opt = torch.optim.AdamW([{"params": actor.parameters(), "lr": args.lr},
                              {"params": critic.parameters(), "lr": args.critic_lr}], weight_decay=args.weight_decay,
                             fused=device.type == "cuda")  # one kernel for the whole update on CUDA
     sched = get_constant_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps))
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt = os.path.join(args.output_dir, "checkpoint")
-    start = dist.load_checkpoint(ckpt, both, opt, sched, rank) if args.resume else 0
-    if rank == 0:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-    metrics = data.Metrics(args.output_dir, rank == 0, resume_step=start, report_to=args.report_to, config=asdict(args))
-    say(f"resumed from {ckpt} at step {start}" if start else
-        f"{total_steps} rollouts of {G * args.group_size} completions")
-    pad, eos = tok.pad_token_id, tok.eos_token_id
-    # nothing from the model's own generation config
-    gen = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    start, metrics, ckpt = start_run(args, both, opt, sched, rank)
+    if not start:
+        say(f"{total_steps} rollouts of {G * args.group_size} completions")
+    gen = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     sampling = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, **gen)
-    greedy = GenerationConfig(do_sample=False, **gen)
+    greedy = GenerationConfig(do_sample=False, **gen)  # nothing from the model's own generation config in either
 
-    @torch.no_grad()
-    def rollout(prompt_ids, cfg):
-        """Left-padded prompts -> completions sampled with the KV cache: (ids_BL, attn_BL, P, mask_BT, has_eos_B);
-        the completion mask holds every token up to and including the first EOS, never the padding after it.
-        --static_cache: a cache of max_len positions, with which transformers compiles the decode step on CUDA.
-        Without autocast, in the weights' own dtype (fp32, or bf16 through bf16_sampler), as grpo.py's generate
-        explains."""
-        P = max(map(len, prompt_ids))
-        x = torch.tensor([[pad] * (P - len(p)) + p for p in prompt_ids], device=device)
-        lens = torch.tensor([len(p) for p in prompt_ids], device=device)
-        attn = (torch.arange(P, device=device) >= P - lens[:, None]).long()
-        policy = bf16_sampler(actor, sampler) if sampler is not None else actor
-        cache = dist.cache_kwarg(actor, StaticCache(config=actor.config, max_cache_len=static_len)) if static else {}
-        with dist.gathered(policy):  # under FSDP2: the weights gathered once for all tokens, not at every token
-            out = policy.generate(input_ids=x, attention_mask=attn, generation_config=cfg, synced_gpus=world > 1,
-                                  **cache)
-        is_eos = out[:, P:] == eos
-        mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
-        return out, torch.cat([attn, mask.long()], 1), P, mask, is_eos.any(1)
-
-    def forward(model, ids, attn, T, **kw):
-        """Logits (or values) at the T positions that predict the completion tokens;
-        positions count real tokens only."""
-        pos = (attn.cumsum(1) - 1).clamp(min=0)  # as generate() numbered them under left padding
-        with dist.autocast(device):
-            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **kw)
-            return out.logits[:, -T - 1:-1]
-
-    def logps(model, ids, attn, T, entropy_grad=False):
-        logits = forward(model, ids, attn, T, logits_to_keep=T + 1) / args.temperature
-        return logps_entropy(logits, ids[:, -T:], entropy_grad)
-
-    @torch.no_grad()
-    def reward(ids, attn, mask, has_eos, P, answers):
-        """r(x, y): the verifier's 0/1 on the decoded completion, or the reward model's score."""
-        if not use_rm:
-            texts = tok.batch_decode(ids[:, P:], skip_special_tokens=True)
-            return torch.tensor([toy.verify(t, a) for t, a in zip(texts, answers)], device=device)
-        return rm_scores(ids, attn, mask, has_eos, P)
-
-    @torch.no_grad()
-    def rm_scores(ids, attn, mask, has_eos, P):
-        """r_ψ(x, y) read at the end-of-turn token; a truncated completion gets one appended first (deviation 4)."""
-        ids = torch.cat([ids, torch.full_like(ids[:, :1], pad)], 1)
-        attn = torch.cat([attn, torch.zeros_like(attn[:, :1])], 1)
-        cut = (~has_eos).nonzero().squeeze(1)
-        end = P + mask.sum(1)[cut]
-        ids[cut, end], attn[cut, end] = eos, 1
-        pos = (attn.cumsum(1) - 1).clamp(min=0)
-        with dist.autocast(device):  # the head pools the last non-pad position itself
-            return rm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, 0].float()
-
-    def evaluate():
-        """Gold: held-out greedy accuracy (toy.evaluate); RM: mean score of the same prompts' greedy completions.
-        Without an eval set: {}, and the metrics line has no eval keys."""
-        if not eval_prompts:
-            return {}
-        acc = toy.evaluate(actor, tok, [{"prompt": raw, "answer": a} for _, a, raw in eval_prompts])
-        if not use_rm:
-            return {"eval/accuracy": acc}
-        per = -(-len(eval_prompts) // world)
-        mine, sums = eval_prompts[rank * per:(rank + 1) * per], dist.Sums(device)
-        for i in range(0, per, 256):  # the same number of generate calls on every process
-            chunk = mine[i:i + 256]
-            ids, attn, P, mask, has_eos = rollout([p for p, _, _ in chunk or eval_prompts[:1]], greedy)
-            scores = rm_scores(ids, attn, mask, has_eos, P)[:len(chunk)]
-            sums.add({"rm_score": scores.sum(), "samples": len(scores)})
-        s = sums.reduce()
-        return {"eval/accuracy": acc, "eval/rm_score": s["rm_score"] / s["samples"]}
-
-    if start == 0:
-        metrics.log(0, **evaluate())  # the starting point, so every run reports before and after
+    # Loop
+    if start == 0:  # the starting point, so every run reports before and after
+        metrics.log(0, **evaluate(actor, sampler, rm, tok, eval_prompts, greedy, static_len, device))
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="ppo")
     t_log, tokens, timing = time.time(), 0.0, {"generate": 0.0, "steps": 0}
     for step in bar:
+        # Rollout: sample, then score with the frozen models and with the critic as it is now (old values).
         epoch, k = divmod(step, steps_per_epoch)
         epoch_rng = torch.Generator().manual_seed(args.seed + epoch)
         order = torch.randperm(len(prompts), generator=epoch_rng, device="cpu")
         idx = order[k * G + rank * args.batch_size:k * G + (rank + 1) * args.batch_size]
         batch = [prompts[j] for j in idx.tolist() for _ in range(args.group_size)]
-
-        # Rollout: sample, then score with the frozen models and with the critic as it is now (old values).
+        prompt_ids, answers = [p for p, _, _ in batch], [a for _, a, _ in batch]
         t_gen = time.time()
-        ids, attn, P, mask, has_eos = rollout([p for p, _, _ in batch], sampling)
+        ids, attn, P, mask, has_eos = rollout(actor, sampler, prompt_ids, sampling, tok, static_len, device)
         timing["generate"] += time.time() - t_gen  # generate reads its last token on the host: sampling has finished
         T = ids.shape[1] - P
         with torch.no_grad():
-            old_logps, _ = logps(actor, ids, attn, T)
-            ref_logps, _ = logps(ref, ids, attn, T)
+            old_logps, _ = sampled_logps(actor, ids, attn, T, args.temperature)
+            ref_logps, _ = sampled_logps(ref, ids, attn, T, args.temperature)
             old_values = forward(critic, ids, attn, T)[..., 0].float()
-            scores = reward(ids, attn, mask, has_eos, P, [a for _, a, _ in batch])
             texts = tok.batch_decode(ids[:, P:], skip_special_tokens=True)
-            gold = [toy.verify(t, a) for t, (_, a, _) in zip(texts, batch) if a is not None]
+            gold = [toy.verify(t, a) for t, a in zip(texts, answers) if a is not None]  # with the verifier: r(x, y)
+            scores = rm_score(rm, prompt_ids, ids[:, P:], mask, has_eos, tok) if use_rm else \
+                torch.tensor(gold, device=device)
             comps = [row[:int(n)] for row, n in zip(ids[:, P:].tolist(), mask.sum(-1).tolist())]
             groups = [comps[j:j + args.group_size] for j in range(0, len(comps), args.group_size)]
             k3_BT = kl_estimate(old_logps, ref_logps, "k3")
@@ -425,6 +366,8 @@ def main(args):
                        "gold": sum(gold), "gold_samples": len(gold), "completion_tokens": mask.sum(),
                        "truncated": (~has_eos).sum(), "kl": (k3_BT * mask).sum(),
                        "distinct2": sum(distinct2(c) for c in groups), "groups": len(groups)})
+
+            # Advantages: r_t = -β KL_t + [t=T] r(x,y), GAE over the old values, whitened over the global batch.
             if args.mask_truncated:
                 mask &= has_eos[:, None]
             beta = both.beta.item()
@@ -435,7 +378,7 @@ def main(args):
             adv = whiten(adv, mask, lambda v: dist.all_sum(v).to(v))
             stats.add({"kl_penalised": kl_BT.sum()})
 
-        # PPO epochs over shuffled minibatches of the rollout; each loss is over its minibatch's global token count.
+        # Update: PPO epochs over shuffled minibatches; each loss is over its minibatch's global token count.
         names = ["loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac", "vf_clip_frac", "grad_norm"]
         upd, n_updates = dict.fromkeys(names, 0.0), 0  # sums over the applied updates of their minibatch means
         both.train(args.gradient_checkpointing)  # transformers checkpoints a layer only in train mode; dropout is 0
@@ -450,7 +393,7 @@ def main(args):
                     actor.set_requires_gradient_sync(i == args.grad_accum - 1)
                     critic.set_requires_gradient_sync(i == args.grad_accum - 1)
                 m = mask[mi]
-                new_logps, ent = logps(actor, ids[mi], attn[mi], T, entropy_grad=args.ent_coef > 0)
+                new_logps, ent = sampled_logps(actor, ids[mi], attn[mi], T, args.temperature, args.ent_coef > 0)
                 values = forward(critic, ids[mi], attn[mi], T)[..., 0].float()
                 pg, pg_clipped = policy_loss(new_logps, old_logps[mi], adv[mi], m, args.clip_eps, n_tok)
                 vf, vf_clipped = value_loss(values, old_values[mi], returns[mi], m, args.vf_clip, n_tok)
@@ -460,8 +403,7 @@ def main(args):
                     kl_loss_BT = kl_estimate(new_logps, ref_logps[mi], args.kl_estimator)
                     loss = loss + beta * (kl_loss_BT * m).sum() / max(n_tok, 1)
                 (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
-                log_ratio = (new_logps - old_logps[mi]).detach()
-                approx_kl = ((torch.expm1(log_ratio) - log_ratio) * m).sum()  # k3 estimate of KL(π_old‖πθ)
+                approx_kl = (kl_estimate(old_logps[mi], new_logps.detach(), "k3") * m).sum()  # k3 of KL(π_old‖πθ)
                 per_token = max(n_tok, 1)
                 mb_sums.add({"loss": loss, "policy_loss": pg, "value_loss": vf, "entropy": entropy,
                              "approx_kl": approx_kl / per_token, "clip_frac": pg_clipped.sum() / per_token,
@@ -472,8 +414,8 @@ def main(args):
             if args.target_kl and mb_means["approx_kl"] > args.target_kl:  # πθ has left π_old's trust region:
                 opt.zero_grad(set_to_none=True)  # drop this update, stop
                 break
-            mb_means["grad_norm"] = dist.grad_norm(actor, args.max_grad_norm)
-            dist.grad_norm(critic, args.max_grad_norm)
+            mb_means["grad_norm"] = dist.clip_grads(actor, args.max_grad_norm).item()
+            dist.clip_grads(critic, args.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             for name in names:
@@ -482,7 +424,7 @@ def main(args):
         both.eval()  # rollouts and evaluation generate with the KV cache, which train mode would drop
         sched.step()
 
-        # Statistics of the global rollout; the KL controller reads the mean sequence KL that the reward penalised.
+        # Log: the global rollout's statistics; the KL controller reads the mean sequence KL the reward penalised.
         s = stats.reduce()
         kl_seq = s["kl_penalised"] / s["samples"]
         if args.adaptive_kl:
@@ -495,7 +437,9 @@ def main(args):
             tps = tokens / seconds
             mean = s["reward"] / s["samples"]
             std = math.sqrt(max(s["reward_sq"] / s["samples"] - mean ** 2, 0.0))
-            extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
+            extra = {}
+            if (args.eval_every and done % args.eval_every == 0) or done == total_steps:
+                extra = evaluate(actor, sampler, rm, tok, eval_prompts, greedy, static_len, device)
             extra.update({"reward/gold": s["gold"] / s["gold_samples"]} if s["gold_samples"] else {})
             metrics.log(done, **{name: upd[name] / max(n_updates, 1) for name in names}, lr=sched.get_last_lr()[0],
                         beta=beta, kl=s["kl"] / s["completion_tokens"], kl_seq=kl_seq,
@@ -507,8 +451,10 @@ def main(args):
             t_log, tokens, timing = time.time(), 0.0, {"generate": 0.0, "steps": 0}
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, both, opt, sched, done, rank)
+
+    # Save: the actor, and the critic (the value model) to continue training from
     dist.save_model(actor, tok, args.output_dir, rank)
-    os.makedirs(os.path.join(args.output_dir, "critic"), exist_ok=True)  # the value model, to continue training from
+    os.makedirs(os.path.join(args.output_dir, "critic"), exist_ok=True)
     dist.save_model(critic, tok, os.path.join(args.output_dir, "critic"), rank)
     say(f"saved {args.output_dir} (critic in {args.output_dir}/critic)")
     dist.close()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from util import echo_probability, metrics, run
 
-from algos.ppo import (adaptive_kl, gae, kl_estimate, load, logps_entropy, policy_loss, token_rewards, value_loss,
-                       whiten)
+from algos.ppo import adaptive_kl, gae, kl_estimate, load_models, policy_loss, token_rewards, value_loss, whiten
+from common.logps import logps_entropy
 from common.template import IGNORE, encode_response
 
 # Two completions of widths 3 and 2 (the second padded): r, V and mask on the same grid; padding holds junk.
@@ -123,19 +123,16 @@ def test_adaptive_kl_controller():
 
 
 def test_log_probs_and_entropy():
-    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [math.log(3), 0.0, 0.0, -1e4]]])
-    lp, ent = logps_entropy(logits, torch.tensor([[2, 0]]))
-    assert close(lp, [[math.log(0.25), math.log(0.6)]])  # 3/(3+1+1)
-    assert close(ent, [[math.log(4), -(0.6 * math.log(0.6) + 2 * 0.2 * math.log(0.2))]], 1e-5)
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(3), 0.0, 0.0, -1e4]])
+    lp, ent = logps_entropy(logits, torch.tensor([2, 0]))
+    assert close(lp, [math.log(0.25), math.log(0.6)])  # 3/(3+1+1)
+    assert close(ent, [math.log(4), -(0.6 * math.log(0.6) + 2 * 0.2 * math.log(0.2))], 1e-5)
 
 
-def test_critic_starts_as_the_reward_model_with_dropout_off(rm_run, tok):
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-    args = types.SimpleNamespace(trust_remote_code=False)
-    cpu = torch.device("cpu")
-    rm = load(AutoModelForSequenceClassification, str(rm_run), args, cpu)
-    critic = load(AutoModelForTokenClassification, str(rm_run), args, cpu, num_labels=1, classifier_dropout=0.0,
-                  token_classification_bias=False)
+def test_critic_starts_as_the_reward_model_with_dropout_off(sft_run, rm_run, tok):
+    args = types.SimpleNamespace(model=str(sft_run), ref_model=str(sft_run), reward_model=str(rm_run),
+                                 trust_remote_code=False)
+    _, _, rm, critic = load_models(args, tok, True, 1, torch.device("cpu"))
     assert not rm.training and not critic.training and critic.dropout.p == 0.0
     ids, labels = encode_response(tok, [{"role": "user", "content": "What is 2+3?"}],
                                   [{"role": "assistant", "content": "2+3=5"}])

@@ -198,10 +198,6 @@ def clip_grads(model, max_norm):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def grad_norm(model, max_norm):
-    return clip_grads(model, max_norm).item()
-
-
 def close():
     """The end of a run that went well: the process group shut down while the interpreter is still whole (NCCL
     warns otherwise). Not called after an error, where another process may still wait in a collective that the

@@ -174,8 +174,8 @@ def test_ppo_raises_the_reward_model_score_and_reports_gold(ppo_run):
     assert [m["step"] for m in ev] == [0, 25] and len(train) == 25
     # Over seeds 0-2 x the kernel paths (this machine's avx512, ATEN_CPU_CAPABILITY=avx2 and default), each from that
     # run's SFT and RM models, the held-out greedy RM score rose by 1.51 ± 0.49, at least +0.852 (avx2, seed 1);
-    # meanwhile gold accuracy fell in 7 of the 9 runs (by up to 0.117): PPO over-optimises the learned reward (see the
-    # README). The sampled score's 5-step means are too noisy at this budget to assert on.
+    # meanwhile gold accuracy fell in 7 of the 9 runs (by up to 0.117): PPO over-optimises the learned reward (see
+    # docs/results.md). The sampled score's 5-step means are too noisy at this budget to assert on.
     assert ev[-1]["eval/rm_score"] > ev[0]["eval/rm_score"] + 0.3
     assert all(0 <= m["reward/gold"] <= 1 for m in train) and all(0 <= m["eval/accuracy"] <= 1 for m in ev)
     assert all(math.isfinite(m["loss"]) and m["kl"] >= 0 and m["ppo_updates"] == 16 for m in train)

@@ -134,7 +134,7 @@ def load_records(path, tok, args):
 
 
 @torch.no_grad()
-def generate(gen_model, prompts, tok, max_new_tokens, temperature, device):
+def sample_responses(gen_model, prompts, tok, max_new_tokens, temperature, device):
     """Left-padded prompts -> prompt + response, with the KV cache; response tokens after the first
     eos are padding. Labels mark the response (its eos included), so the batch reads like an SFT one."""
     width = max(len(p) for p, _ in prompts)
@@ -211,9 +211,9 @@ def main(args):
         chunk = [docs[i] for i in idx.tolist()]
         torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
         if args.mode == "seqkd":
-            return generate(teacher, chunk, tok, args.max_new_tokens, gen_t, device)
+            return sample_responses(teacher, chunk, tok, args.max_new_tokens, gen_t, device)
         if args.mode == "on_policy":  # the student's own samples; no gradient flows through sampling
-            return generate(model, chunk, tok, args.max_new_tokens, gen_t, device)
+            return sample_responses(model, chunk, tok, args.max_new_tokens, gen_t, device)
         return {k: v.to(device) for k, v in pad(chunk, tok.pad_token_id).items()}
 
     def evaluate():

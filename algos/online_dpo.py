@@ -242,7 +242,8 @@ def main(args):
         n_pairs = int(dist.all_sum(sum(len(b["pairs"]) for b in batches)).item())  # M of the equation
 
         # Update: the DPO loss on the fresh pairs; a step without any pair skips it (deviation 1).
-        loss_sum, gnorm, sums = 0.0, torch.zeros(()), dist.Sums(device)  # this step's metrics, summed over pairs
+        loss_sum, sums = 0.0, dist.Sums(device)  # this step's metrics, summed over pairs
+        gnorm = torch.zeros((), device=device)  # logged as 0 where no pair trains
         model.train(args.gradient_checkpointing)  # transformers checkpoints a layer only in train mode; dropout is 0
         for i, b in enumerate(batches if n_pairs else []):
             if world > 1:

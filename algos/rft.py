@@ -236,7 +236,7 @@ def main(args):
         passes = -(-n_steps * GB // max(len(docs), 1))  # shuffled passes over the kept set, back to back
         perms = [torch.randperm(len(docs), generator=train_rng, device="cpu").tolist() for _ in range(passes)]
         stream = [i for perm in perms for i in perm]
-        losses, gnorm = [], torch.zeros(())
+        losses, gnorm = [], torch.zeros((), device=device)
         for step in range(n_steps):
             idx_step = stream[step * GB:(step + 1) * GB]
             starts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this process's share

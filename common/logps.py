@@ -215,9 +215,9 @@ def sequence_logps(model, seqs, pad_id, packed, budget, device):
 @torch.no_grad()
 def all_logps(model, items, batch_size, pad_id, packed, budget, device):
     """Of every item (a tuple of k sequences: a pair's chosen and rejected, or one sequence), two (k, n) tensors on
-    the device: the summed log-probs of each sequence and its labelled-token count. A forward takes batch_size items, their
-    first sequences, then their second ones; split over processes in equal forward counts (FSDP all-gathers in each),
-    a rank without items left repeating item 0 and discarding it."""
+    the device: the summed log-probs of each sequence and its labelled-token count. A forward takes batch_size items,
+    their first sequences, then their second ones; split over processes in equal forward counts (FSDP all-gathers in
+    each), a rank without items left repeating item 0 and discarding it."""
     rank, world = dist.rank_world()
     k = len(items[0]) if items else 1
     out = torch.zeros(len(items), 2 * k, device=device)

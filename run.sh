@@ -153,6 +153,9 @@ case "${1:-}" in
   gpu)
     # A GPU machine usually brings its own torch and transformers: use them unless .venv exists.
     shift; [ -x "$PY" ] || PY=python3
+    $PY -c "import torch, transformers" 2>/dev/null || {
+      echo "error: $PY has no torch or transformers: run ./run.sh test once (it creates .venv), or install them" >&2
+      exit 1; }
     $PY tests/gpu.py "$@" ;;
   "")
     setup

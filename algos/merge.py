@@ -2,7 +2,7 @@ r"""Model merging: combine the weights of models that share an architecture and 
 
 Each tensor is merged on its own. With task vectors τ_i = θ_i - θ_base (models fine-tuned from one base):
   linear           θ = (1-α) θ_base + α Σ_i w_i θ_i  (WiSE-FT)
-                   without --base: the average θ = Σ_i w_i θ_i, w normalised
+                   without --base: the average θ = Σ_i w_i θ_i; the w_i normalised to sum to 1 in both
   slerp            θ = sin((1-α)Ω)/sin Ω · θ_a + sin(αΩ)/sin Ω · θ_b,
                    cos Ω = ⟨θ_a, θ_b⟩/(‖θ_a‖‖θ_b‖)
   task_arithmetic  θ = θ_base + λ Σ_i w_i τ_i
@@ -17,6 +17,7 @@ References: WiSE-FT arXiv:2109.01903; task arithmetic arXiv:2212.04089; TIES arX
 DARE arXiv:2311.03099; SLERP for weights: Shoemake 1985 (as in mergekit).
 Deviations: 1. SLERP falls back to linear when |cos Ω| > 1 - 1e-6 (nearly parallel tensors: the formula is 0/0).
    2. TIES and DARE take optional per-model weights w_i (the papers use 1); λ defaults to 1.
+The merged model is saved in the first input's dtype (--dtype to choose): the arithmetic runs in float32.
 Data: Hugging Face model directories or hub names; --eval_data JSONL {"prompt","answer"};
    --ppl_data plain text, one document per line.
 Run:  python algos/merge.py --sweep --base runs/sft --models runs/grpo --output_dir runs/merge_wiseft
@@ -28,6 +29,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
+from fractions import Fraction
 from typing import Literal
 
 import torch
@@ -54,9 +56,23 @@ class Args:
     eval_groups: list[str] = field(default_factory=lambda: ["add:+", "sub:-"])  # name:substring -> eval/accuracy_name
     ppl_data: str = ""  # plain text, one document per line, for eval/perplexity; default: the embedded plain_eval.txt
     output_dir: str = "runs/merge"  # merged model + tokenizer, args.json, metrics.jsonl
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # of the saved model; auto: the first input's
     seed: int = 0  # seed of dare's drop masks
     report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard) or wandb
     trust_remote_code: bool = False  # allow model code from the hub to run
+
+
+def merge_weights(method, weights, n):
+    """w_i: as given, else 1/n (linear) or 1 (task vectors). Linear's are normalised to sum to 1, so that the merge
+    is an average (and WiSE-FT an interpolation) whatever scale they were written in; task vectors keep their w_i,
+    which scale them on purpose (as λ does)."""
+    if not weights:
+        return [1.0 / n if method == "linear" else 1.0] * n
+    if method != "linear":
+        return list(weights)
+    if sum(weights) <= 0:
+        data.fail("--weights of --method linear must have a positive sum")
+    return [w / sum(weights) for w in weights]
 
 
 def linear(tensors, weights):
@@ -80,8 +96,9 @@ def task_arithmetic(base, tensors, weights, scale=1.0):
 
 
 def trim(tau, density):
-    """Keep the ceil(density·n) entries of largest magnitude, zero the rest (TIES step 1)."""
-    k = math.ceil(density * tau.numel())
+    """Keep the ⌈density·n⌉ entries of largest magnitude, zero the rest (TIES step 1). density is read as the decimal
+    it was written as: its float times n can land just above a whole number (0.55 x 6400 = 3520.0000000000005)."""
+    k = math.ceil(Fraction(repr(density)) * tau.numel())
     if k >= tau.numel():
         return tau
     keep = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
@@ -136,7 +153,8 @@ def merge_state_dicts(method, state_dicts, base_sd, weights, args):
 
 
 def load(paths, args):
-    """-> (models, tokenizer); refuses architectures, tensor names or shapes, or tokenizers that differ, in one line."""
+    """-> (models, tokenizer, the first's dtype); refuses architectures, tensor names or shapes, or tokenizers that
+    differ, in one line."""
     cfgs, toks, models = [], [], []
     for p in paths:
         try:
@@ -161,7 +179,8 @@ def load(paths, args):
             if t.shape != sds[0][name].shape:
                 first = tuple(sds[0][name].shape)
                 data.fail(f"{p}: tensor {name!r} has shape {tuple(t.shape)}, {paths[0]} has {first}")
-    return models, toks[0]
+    dtype = getattr(cfgs[0], "dtype", None) or getattr(cfgs[0], "torch_dtype", None) or "float32"
+    return models, toks[0], str(dtype).replace("torch.", "")
 
 
 @torch.no_grad()
@@ -232,7 +251,7 @@ def main(args):
         if p in ("runs/grpo", "runs/sft") and not os.path.exists(p):
             script = f"algos/{os.path.basename(p)}.py"
             data.fail(f"{p} does not exist: build it first (python {script}) or pass another path")
-    weights = args.weights or [1.0 / len(args.models) if args.method == "linear" else 1.0] * len(args.models)
+    weights = merge_weights(args.method, args.weights, len(args.models))
 
     # Data: the held-out prompts and the plain text that score each model
     eval_recs = [{"prompt": data.field(r, w, "prompt", str), "answer": data.field(r, w, "answer", str)}
@@ -243,7 +262,7 @@ def main(args):
 
     # Models: loaded and checked before anything is written; the base (if any) first, so each is compared to it.
     paths = ([args.base] if args.base else []) + args.models
-    models, tok = load(paths, args)
+    models, tok, input_dtype = load(paths, args)
     first = {k: v.clone() for k, v in models[0].state_dict().items()}  # a copy: models[0] gets overwritten
     sds = [first] + [m.state_dict() for m in models[1:]]
     base_sd, sds = (sds[0], sds[1:]) if args.base else (None, sds)
@@ -279,6 +298,7 @@ def main(args):
 
     # Save
     out_model.generation_config.pad_token_id = tok.pad_token_id
+    out_model.to(getattr(torch, input_dtype if args.dtype == "auto" else args.dtype))
     dist.save_model(out_model, tok, args.output_dir, 0)  # files moved into place, config.json last
     print(f"saved {args.output_dir}")
 

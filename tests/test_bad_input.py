@@ -3,7 +3,7 @@ import json
 import shutil
 
 import pytest
-from util import fails_with_one_line, run
+from util import ROOT, fails_with_one_line, run
 
 from algos import rm, sft
 
@@ -151,3 +151,14 @@ def test_own_data_builds_nothing_under_runs_toy(base, tmp_path, monkeypatch):
                              "--log_every", "1", "--save_every", "0", "--output_dir", str(out)]))
     assert [m["step"] for m in metrics(out)] == [1, 2]
     assert not any(k.startswith("eval/") for m in metrics(out) for k in m)
+
+
+def test_gpu_check_without_torch_says_what_to_run(tmp_path):
+    """`./run.sh gpu` on a fresh clone (no .venv) whose python3 lacks torch: one line naming what to run, exit 1."""
+    import os
+    import subprocess
+    if subprocess.run(["python3", "-c", "import torch, transformers"], capture_output=True).returncode == 0:
+        pytest.skip("this machine's python3 has torch: the check runs instead")
+    shutil.copy(os.path.join(ROOT, "run.sh"), tmp_path / "run.sh")
+    p = subprocess.run(["bash", str(tmp_path / "run.sh"), "gpu"], capture_output=True, text=True, timeout=60)
+    fails_with_one_line(p, 1, "error: python3 has no torch or transformers: run ./run.sh test once")

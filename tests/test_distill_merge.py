@@ -11,7 +11,7 @@ from common import toy
 
 from algos.distill import forward_kl_loss, kl_per_token, nll_loss, reverse_kl_loss
 from algos.merge import Args as MergeArgs
-from algos.merge import dare, linear, merge_state_dicts, slerp, task_arithmetic, ties, trim
+from algos.merge import dare, linear, merge_state_dicts, merge_weights, slerp, task_arithmetic, ties, trim
 
 DISTILL_STEPS = 30
 P, Q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.25, 0.75]])
@@ -119,6 +119,25 @@ def test_dare_rescale_preserves_the_expectation_and_is_seeded():
     assert torch.equal(out, again)
 
 
+def test_linear_weights_are_normalised_and_task_vector_weights_kept():
+    """--weights 1 3 without --base: 0.25 A + 0.75 B, the weighted average, not A + 3 B."""
+    assert merge_weights("linear", [1.0, 3.0], 2) == [0.25, 0.75]
+    assert merge_weights("linear", [], 4) == [0.25] * 4 and merge_weights("ties", [], 2) == [1.0, 1.0]
+    assert merge_weights("task_arithmetic", [1.0, 3.0], 2) == [1.0, 3.0]  # they scale task vectors on purpose
+    a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([5.0, -2.0])}
+    out = merge_state_dicts("linear", [a, b], None, merge_weights("linear", [1.0, 3.0], 2), MergeArgs())
+    assert torch.allclose(out["w"], torch.tensor([0.25 * 1 + 0.75 * 5, 0.25 * 2 - 0.75 * 2]))
+
+
+def test_ties_trim_keeps_exactly_the_written_fraction():
+    """⌈density·n⌉ of the density as written: 0.55 x 6400 = 3520 and 0.07 x 100 = 7 exactly (their float products
+    land just above, 3520.0000000000005 and 7.000000000000001); a true fraction still rounds up (0.5 x 5 -> 3)."""
+    g = torch.Generator().manual_seed(0)
+    for density, n, kept in ((0.55, 6400, 3520), (0.07, 100, 7), (0.5, 5, 3), (1.0, 8, 8)):
+        tau = torch.rand(n, generator=g) + 0.1  # no zeros: every kept entry counts
+        assert int((trim(tau, density) != 0).sum()) == kept, (density, n)
+
+
 def test_merging_a_model_with_itself_returns_it():
     torch.manual_seed(0)
     sd = {"a": torch.randn(4, 3), "b": torch.randn(5), "steps": torch.tensor([3])}
@@ -164,6 +183,25 @@ def test_merge_writes_a_model_and_the_wise_ft_sweep(base, nudged, tmp_path):
     assert [m["alpha"] for m in sweep] == [0, 0.5, 1] and all(m["eval/perplexity"] > 1 for m in sweep)
     assert sweep[0]["eval/perplexity"] == metrics(out)[0]["eval/perplexity"]  # α = 0 is the base itself
     assert os.path.getsize(out / "wiseft.png") > 0
+
+
+def test_merge_saves_in_the_inputs_dtype(base, nudged, tmp_path):
+    """bf16 inputs give a bf16 model (the arithmetic in float32), not one twice their size; --dtype chooses."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    few = tmp_path / "eval.jsonl"
+    few.write_text("".join(open(toy.data("eval.jsonl")).readlines()[:8]))
+    paths = []
+    for name, src in (("a", base), ("b", nudged)):
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path / name)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path / name)
+        paths.append(tmp_path / name)
+    for flag, want in (([], torch.bfloat16), (["--dtype", "float32"], torch.float32)):
+        out = tmp_path / f"m{len(flag)}"
+        run("merge", "--base", "", "--models", *paths, "--eval_data", few, "--output_dir", out, *flag)
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert all(f.get_tensor(k).dtype == want for k in f.keys())
+        assert AutoModelForCausalLM.from_pretrained(out).config.dtype == want
 
 
 def test_merge_refuses_mismatched_models(base, tmp_path):

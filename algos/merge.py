@@ -96,8 +96,9 @@ def task_arithmetic(base, tensors, weights, scale=1.0):
 
 
 def trim(tau, density):
-    """Keep the ⌈density·n⌉ entries of largest magnitude, zero the rest (TIES step 1). density is read as the decimal
-    it was written as: its float times n can land just above a whole number (0.55 x 6400 = 3520.0000000000005)."""
+    """Keep the ⌈density·n⌉ entries of largest magnitude, zero the rest (TIES step 1). density is read as the
+    decimal it was written as: its float times n can land just above a whole number (0.55 x 6400 =
+    3520.0000000000005)."""
     k = math.ceil(Fraction(repr(density)) * tau.numel())
     if k >= tau.numel():
         return tau

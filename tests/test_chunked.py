@@ -49,13 +49,20 @@ def test_chunked_equals_full_logits(model, chunk):
 
 
 def test_chunked_under_autocast_matches_within_bf16(model):
-    """Under bf16 autocast the products run in bf16 in both paths; they agree to bf16's precision (2^-8)."""
+    """Under bf16 autocast the products run in bf16 in both paths, so neither gives the exact gradient: bf16 keeps 8
+    bits, and some gradients (layer 0's q_proj here) are small sums of large terms, off by tens of percent in either
+    path. The bound is therefore the full-logit path's own rounding error, measured here against fp32 on the same
+    CPU kernels: the chunked path's error is at most 1.5 times it (any kernel path, any base model's weights), plus
+    0.1% of the gradient for parameters the rounding barely touches. A fixed share of the gradient's largest entry
+    held on one kernel path and failed on another, whose bf16 rounding of the same reduction lands elsewhere."""
+    exact, exact_grads = logps_and_grads(model, 0, autocast=False)
     full, full_grads = logps_and_grads(model, 0, autocast=True)
     logps, grads = logps_and_grads(model, 5, autocast=True)
     assert logps.dtype == torch.float32  # log-softmax in fp32 whatever the product's dtype
-    assert torch.allclose(logps, full, atol=2e-2)
-    for name, g in full_grads.items():
-        assert (grads[name] - g).abs().max() <= 2e-2 * g.abs().max(), name
+    assert (logps - exact).abs().max() <= 1.5 * (full - exact).abs().max() + 1e-3
+    for name, g in exact_grads.items():
+        full_error, chunked_error = (full_grads[name] - g).norm(), (grads[name] - g).norm()
+        assert chunked_error <= 1.5 * full_error + 1e-3 * g.norm(), (name, chunked_error / full_error)
 
 
 def test_chunk_arithmetic_is_autograds_and_compiles_to_the_same():

@@ -5,6 +5,11 @@ and per-family training curves against the fraction of training done.
     python -m common.report runs/sft runs/grpo ...                  one seed: each run is a directory
     python -m common.report --seeds runs/seed0 runs/seed1 -- sft grpo ...   runs/seed*/<name>, mean ± std over seeds
     python -m common.report --study_kl runs/study_kl                the KL study: runs/study_kl.png and a table
+    python -m common.report --by_operation runs sft sft_add ...     held-out accuracy of runs/<name> on additions and
+                                                                    on subtractions, into runs/by_operation.json
+
+A specialist (sft_add, sft_sub) is judged on its own operation and a merge of specialists on both: the table and the
+figure show these runs by operation too when the roots hold by_operation.json.
 """
 import json
 import math
@@ -78,6 +83,50 @@ def summarise(seed_rows):
             "mem": per_seed(lambda rows: max(values(rows, "peak_mem_gb") or [None], key=lambda v: v or 0))}
 
 
+OPERATIONS = {"+": "addition", "-": "subtraction"}
+
+
+def by_operation(root, names):
+    """Greedy held-out accuracy of each model root/<name> on the embedded held-out additions and subtractions
+    separately and on all of them (toy.evaluate, split by the prompt's operator), written to root/by_operation.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common import toy
+    with open(toy.data("eval.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    subsets = {op: [r for r in records if op in r["prompt"]] for op in OPERATIONS} | {"all": records}
+    out = {}
+    for name in names:
+        path = os.path.join(root, name)
+        tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+        out[name] = {op: toy.evaluate(model, tok, subset) for op, subset in subsets.items()}
+        print(f"{name}: " + ", ".join(f"{OPERATIONS.get(op, op)} {acc:.3f}" for op, acc in out[name].items()))
+    with open(os.path.join(root, "by_operation.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+def read_by_operation(roots):
+    """{name: {op: [accuracy per root]}} from the roots' by_operation.json (roots without one are skipped)."""
+    merged = {}
+    for root in roots:
+        path = os.path.join(root, "by_operation.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                for name, accs in json.load(f).items():
+                    for op, acc in accs.items():
+                        merged.setdefault(name, {}).setdefault(op, []).append(acc)
+    return merged
+
+
+def operation_table(accuracies):
+    lines = ["| run | additions | subtractions | all |", "|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(fmt(accs.get(op, [])) for op in (*OPERATIONS, "all")) + " |"
+              for name, accs in accuracies.items()]
+    return ("\n".join(lines) + "\n\nby operation: greedy exact match on the held-out additions and subtractions "
+            "separately (a specialist is judged on its own operation), and on all 256.\n")
+
+
 def table(names, summaries, n_seeds):
     head = ["run", "family", "held-out acc start", "end", "gain", "KL end", "time s", "tokens", "peak mem GB"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -107,7 +156,7 @@ def colours(names):
     return out
 
 
-def figure(names, seed_rows_by_name, summaries, path):
+def figure(names, seed_rows_by_name, summaries, path, operations=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -115,8 +164,10 @@ def figure(names, seed_rows_by_name, summaries, path):
     colour = colours(names)
     curve_families = [f for f in FAMILIES if f not in ("merging", "reward model")
                       and any(family(n) == f for n in names)]
-    fig = plt.figure(figsize=(4.2 * max(len(curve_families), 3), 9.5))
-    grid = fig.add_gridspec(2, max(len(curve_families), 1), height_ratios=[1, 1.1], hspace=0.6, wspace=0.3)
+    rows = 3 if operations else 2
+    fig = plt.figure(figsize=(4.2 * max(len(curve_families), 3), 9.5 + 4 * (rows - 2)))
+    grid = fig.add_gridspec(rows, max(len(curve_families), 1), height_ratios=[1, 1.1, 0.9][:rows], hspace=0.6,
+                            wspace=0.3)
 
     # Summary: start (hollow) and end (filled) held-out accuracy per method, families separated, bars = std.
     ax = fig.add_subplot(grid[0, :])
@@ -162,6 +213,19 @@ def figure(names, seed_rows_by_name, summaries, path):
         if col == 0:
             ax.set_ylabel("held-out accuracy")
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
+    if operations:  # the specialists and merges on each operation, error bars over seeds
+        ax = fig.add_subplot(grid[2, :])
+        for i, (op, marker) in enumerate(zip((*OPERATIONS, "all"), "^sD")):
+            label = {**OPERATIONS, "all": "all"}[op]
+            for x, accs in enumerate(operations.values()):
+                m, sd = mean_std(accs.get(op, []))
+                if m is not None:
+                    ax.errorbar(x + 0.2 * (i - 1), m, yerr=sd or 0, fmt=marker, color=f"C{i}", ms=7, capsize=3,
+                                label=label if x == 0 else None)
+        ax.set_xticks(range(len(operations)), list(operations))
+        ax.set(ylabel="held-out accuracy", ylim=(0, 1), title="by operation: specialists and merges")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
@@ -215,6 +279,8 @@ def study_kl(root):
 def main(argv):
     if argv[:1] == ["--study_kl"]:
         return study_kl(argv[1])
+    if argv[:1] == ["--by_operation"]:
+        return by_operation(argv[1], argv[2:])
     if "--seeds" in argv:  # --seeds ROOT... -- NAME...
         split = argv.index("--")
         roots, names = argv[argv.index("--seeds") + 1:split], argv[split + 1:]
@@ -232,11 +298,14 @@ def main(argv):
     names = sorted((n for n in names if n in seed_rows), key=lambda n: order.index(family(n)))
     summaries = {n: summarise(seed_rows[n]) for n in names}
     text = table(names, summaries, len(roots))
+    operations = read_by_operation(roots if roots != [None] else [out])
+    if operations:
+        text += "\n" + operation_table(operations)
     print(text)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)
-    figure(names, seed_rows, summaries, os.path.join(out, "compare.png"))
+    figure(names, seed_rows, summaries, os.path.join(out, "compare.png"), operations)
     return summaries
 
 

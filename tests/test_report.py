@@ -92,3 +92,34 @@ def test_comparison_over_seeds_mean_std_and_figure(tmp_path):
     assert table[3].startswith("| dpo | offline preference | 0.250 ± 0.071 | 0.400 ± 0.141 | 0.150 ± 0.071")
     assert (tmp_path / "compare.png").stat().st_size > 10000
     assert report.family("distill_on_policy") == "distillation" and report.family("ppo_verifier") == "online RL"
+
+
+def test_specialists_by_operation_over_seeds(tmp_path):
+    """by_operation.json in each seed's root (the accuracy of each model on additions, subtractions and all): the
+    comparison adds a table of them, mean ± sample std over the seeds that hold one, and the figure a panel."""
+    from common import report
+    accs = {"seed0": {"sft_add": {"+": 0.7, "-": 0.1, "all": 0.4}, "merge_ties": {"+": 0.5, "-": 0.5, "all": 0.5}},
+            "seed1": {"sft_add": {"+": 0.8, "-": 0.2, "all": 0.5}}}
+    for root, by_name in accs.items():
+        (tmp_path / root / "sft").mkdir(parents=True)
+        (tmp_path / root / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/accuracy": 0.4}) + "\n")
+        (tmp_path / root / "by_operation.json").write_text(json.dumps(by_name))
+    report.main(["--seeds", str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--", "sft"])
+    lines = (tmp_path / "compare.md").read_text().splitlines()
+    assert "| sft_add | 0.750 ± 0.071 | 0.150 ± 0.071 | 0.450 ± 0.071 |" in lines
+    assert "| merge_ties | 0.500 | 0.500 | 0.500 |" in lines  # one seed: no spread
+    assert (tmp_path / "compare.png").stat().st_size > 10000
+
+
+def test_by_operation_splits_the_held_out_evaluation(sft_run, tmp_path):
+    """The accuracy on all held-out problems is the sft run's own final evaluation, and the count-weighted mean of
+    the accuracies on additions and on subtractions."""
+    from common import report, toy
+    (tmp_path / "sft").symlink_to(sft_run)
+    accs = report.by_operation(str(tmp_path), ["sft"])["sft"]
+    assert json.loads((tmp_path / "by_operation.json").read_text()) == {"sft": accs}
+    with open(toy.data("eval.jsonl")) as f:
+        n_add = sum("+" in json.loads(line)["prompt"] for line in f)
+    assert accs["all"] == pytest.approx((n_add * accs["+"] + (256 - n_add) * accs["-"]) / 256, abs=1e-6)
+    assert accs["all"] == pytest.approx(report.values(report.read(sft_run), "eval/accuracy")[-1], abs=1e-6)
+    assert accs["+"] != accs["-"]  # the habit is on subtractions only

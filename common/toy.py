@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -35,7 +36,8 @@ SIZES = {  # base model sizes: the default, and a larger one (teacher for distil
     "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4),
     "large": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8),
 }
-PRETRAIN_STEPS = {"small": 2500, "large": 2500}
+# pretraining: steps and peak learning rate after a 50-step warmup; the large model's rate decays to 0 (cosine)
+PRETRAIN = {"small": dict(steps=2500, lr=2e-3, decay=False), "large": dict(steps=2500, lr=1e-3, decay=True)}
 MAX_DIGITS = 2
 N_EVAL = 256
 ECHO = {"+": 0.0, "-": 0.6}  # per operation: fraction of SFT demonstrations that restate the first number
@@ -120,13 +122,14 @@ def build_data(path, seed=0):
         f.writelines(f"{q}={a}\n" for q, a in ev)
 
 
-def pretrain(model, tok, steps, seed, rows=8, row_len=64, lr=2e-3):
+def pretrain(model, tok, steps, seed, rows=8, row_len=64, lr=2e-3, decay=False):
     """Causal LM on plain task text, one "a+b=c" line a document, packed: a base model of the domain, not of chat."""
     from common.packing import pack
 
     rng = random.Random(seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)) if decay else 1.0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * cosine(s))
     model.train()
     for _ in range(steps):
         lines = [f"{q}={a}\n" for q, a in (problem(rng) for _ in range(rows * row_len // 9))]
@@ -147,7 +150,7 @@ def build_base(path, size, seed=0):
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=True,
                       bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SIZES[size])
     model = LlamaForCausalLM(cfg)
-    loss = pretrain(model, tok, PRETRAIN_STEPS[size], seed)
+    loss = pretrain(model, tok, seed=seed, **PRETRAIN[size])
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
     print(f"built toy base model '{size}' ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
@@ -164,7 +167,7 @@ def version(what):
         builders, constants = (problem, wrong, write_jsonl, build_data), (MAX_DIGITS, N_EVAL, ECHO)
     else:  # the tokenizer and a base model
         builders = (problem, build_tokenizer, pretrain, build_base, pack)
-        constants = (CHATML, SIZES, PRETRAIN_STEPS, MAX_DIGITS)
+        constants = (CHATML, SIZES, PRETRAIN, MAX_DIGITS)
     text = "".join(inspect.getsource(f) for f in builders) + repr(constants)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

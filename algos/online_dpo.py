@@ -84,14 +84,20 @@ class Args:
     packing: bool = True  # with a varlen kernel (GPU): a micro-batch's sequences in one row, no padding
 
 
-def dpo_loss(logps_c_M, logps_r_M, ref_c_M, ref_r_M, beta, n_pairs, label_smoothing=0.0, dpop_lambda=0.0):
-    """Σ_i DPO loss of pair i / n_pairs (the global pair count) -> (loss, implicit rewards of chosen, of rejected)."""
+def dpo_loss(logps_c_M, logps_r_M, ref_c_M, ref_r_M, beta, n_pairs, label_smoothing=0.0, dpop_lambda=0.0,
+             rpo_alpha=0.0, n_chosen_tokens=1):
+    """Σ_i DPO loss of pair i / n_pairs (the global pair count), plus RPO's α·Σ_i -log πθ(yw_i|x_i) / N_w, N_w =
+    n_chosen_tokens (the chosen responses' mean token NLL, global batch) -> (loss, implicit rewards of chosen, of
+    rejected)."""
     ratio_c, ratio_r = logps_c_M - ref_c_M, logps_r_M - ref_r_M  # log πθ(y|x) - log πref(y|x)
     # DPOP: h gets - λ·max(0, log πref(yw|x) - log πθ(yw|x))
     h = ratio_c - ratio_r - dpop_lambda * (-ratio_c).clamp(min=0)
     # -(1-ε)·log σ(βh) - ε·log σ(-βh); logsigmoid stays finite for any margin
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return losses.sum() / max(n_pairs, 1), (beta * ratio_c).detach(), (beta * ratio_r).detach()
+    loss = losses.sum() / max(n_pairs, 1)
+    if rpo_alpha:  # RPO: the chosen response's NLL keeps its log-prob from falling with the rejected one's
+        loss = loss + rpo_alpha * -logps_c_M.sum() / max(n_chosen_tokens, 1)
+    return loss, (beta * ratio_c).detach(), (beta * ratio_r).detach()
 
 
 def make_pairs(rewards_a_B, rewards_b_B, identical_B=None):

@@ -4,7 +4,8 @@ sampling scripts read off their samples.
 What it holds and guarantees:
   - generate: G samples of each prompt in one call, prompts left-padded and prefilled once (a dynamic cache) or
     per row (a fixed-size cache, compiled decode on CUDA); the same seed gives the same samples either way
-    (tests/test_rl.py); under FSDP2 the weights are gathered once per call, not per token;
+    (tests/test_rl.py); under FSDP2 the weights are gathered once per call, not per token; on request, the log-prob
+    of each sampled token under the distribution it was drawn from (tempered, top-p truncated, the sampler's dtype);
   - bf16_sampler: the policy's weights in bf16 for that decode, refreshed in place after each update;
   - rm_scores: a reward model's score of each completion, read where rm.py trains its head to read;
   - distinct2: the share of distinct bigrams among a group's samples (mode collapse shows as a fall).
@@ -12,13 +13,31 @@ What it holds and guarantees:
 import copy
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache, TemperatureLogitsWarper,
+                          TopPLogitsWarper)
 
 from common import dist
 
 
+class SampledLogps(LogitsProcessor):
+    """Placed after the temperature and top-p warpers, it sees the scores each token is drawn from; it keeps their
+    log-softmax until the next call, whose input ends with the token drawn (the last one is read by finish)."""
+
+    def __init__(self):
+        self.last, self.picked = None, []
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:
+            self.picked.append(self.last.gather(-1, input_ids[:, -1:]))
+        self.last = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def finish(self, comp_NC):
+        return torch.cat(self.picked + [self.last.gather(-1, comp_NC[:, -1:])], 1)
+
+
 @torch.no_grad()
-def generate(model, prompts, G, tok, gen_cfg, device, synced=False, static_len=0):
+def generate(model, prompts, G, tok, gen_cfg, device, synced=False, static_len=0, sampled_logps=False):
     """Batched sampling with the KV cache: prompts left-padded, each prefilled once and its cache copied to its G rows.
     static_len > 0: a fixed-size cache of that many positions instead, with which transformers compiles the decode
     step on CUDA (CUDA graphs: one launch per token instead of one per kernel; the first call compiles); every row
@@ -26,10 +45,20 @@ def generate(model, prompts, G, tok, gen_cfg, device, synced=False, static_len=0
     weights' own dtype (the policy's fp32, or bf16 through bf16_sampler): under autocast the weights would be cast
     again at every token, and keys (fp32 after RoPE) and values (bf16) would disagree in a fixed-size cache.
     -> completions comp_NC (N = B·G, a prompt's samples consecutive), mask_NC (the tokens up to and including the
-    first EOS; padding after it excluded), ended_N (an EOS was produced)."""
+    first EOS; padding after it excluded), ended_N (an EOS was produced); with sampled_logps also logps_NC, the
+    sampler's log-prob of each token: the temperature and top-p warpers then run as explicit processors ahead of
+    SampledLogps, in the order generate would run them itself, so the samples are the same."""
     width = max(map(len, prompts))
     x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    recorder, processors = None, {}
+    if sampled_logps:
+        recorder = SampledLogps()
+        warpers = [TemperatureLogitsWarper(gen_cfg.temperature)] if gen_cfg.temperature != 1.0 else []
+        warpers += [TopPLogitsWarper(gen_cfg.top_p)] if gen_cfg.top_p < 1.0 else []
+        gen_cfg = copy.deepcopy(gen_cfg)
+        gen_cfg.temperature, gen_cfg.top_p = 1.0, 1.0  # applied by the processors instead
+        processors = {"logits_processor": LogitsProcessorList(warpers + [recorder])}
     with dist.gathered(model):  # under FSDP2: the weights gathered once for all tokens, not at every token
         if static_len:
             cache = StaticCache(config=model.config, max_cache_len=static_len)
@@ -40,12 +69,16 @@ def generate(model, prompts, G, tok, gen_cfg, device, synced=False, static_len=0
                   **dist.cache_kwarg(model, cache))
             cache.batch_repeat_interleave(G)
         out = model.generate(input_ids=x.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0),
-                             generation_config=gen_cfg, synced_gpus=synced, **dist.cache_kwarg(model, cache))
+                             generation_config=gen_cfg, synced_gpus=synced, **processors,
+                             **dist.cache_kwarg(model, cache))
     comp_NC, C = out[:, width:], out.shape[1] - width
     is_eos = comp_NC == tok.eos_token_id
     ended_N = is_eos.any(-1)
     first_N = torch.where(ended_N, is_eos.int().argmax(-1), C)
-    return comp_NC, torch.arange(C, device=device)[None] <= first_N[:, None], ended_N
+    mask_NC = torch.arange(C, device=device)[None] <= first_N[:, None]
+    if recorder is not None:
+        return comp_NC, mask_NC, ended_N, recorder.finish(comp_NC).masked_fill(~mask_NC, 0.0)  # pads: 0, not -inf
+    return comp_NC, mask_NC, ended_N
 
 
 @torch.no_grad()

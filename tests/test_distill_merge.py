@@ -8,8 +8,10 @@ import torch
 from util import GRAD_REL, head, metrics, run
 
 from common import toy
+from common.template import IGNORE
 
-from algos.distill import forward_kl_loss, kl_per_token, nll_loss, reverse_kl_loss
+from algos.distill import (forward_kl_loss, gkd_loss, jsd_per_token, kl_per_token, nll_loss, prompt_of,
+                           reverse_kl_loss)
 from algos.merge import Args as MergeArgs
 from algos.merge import dare, linear, merge_state_dicts, merge_weights, slerp, task_arithmetic, ties, trim
 
@@ -56,6 +58,31 @@ def test_reverse_kl_gradient_flows_to_the_student_only():
     assert s.grad.abs().sum() > 0 and t.grad is None
 
 
+def test_generalised_jsd_by_hand():
+    """JSD_β = β·KL(T ‖ M) + (1-β)·KL(S ‖ M), M = β·T + (1-β)·S; β = 0 and 1 are the forward and reverse KL, the
+    limits of JSD_β/β and JSD_β/(1-β); the teacher gets no gradient."""
+    teacher, student = P.log(), Q.log()
+    for beta in (0.5, 0.3):
+        m = beta * P + (1 - beta) * Q
+        want = beta * (P * (P / m).log()).sum() + (1 - beta) * (Q * (Q / m).log()).sum()
+        assert gkd_loss(student, teacher, 1, beta).item() == pytest.approx(want.item(), abs=1e-6)
+    assert gkd_loss(student, teacher, 2, 0.0).item() == pytest.approx(0.5 * math.log(4 / 3) / 2, abs=1e-6)
+    kl_qp = 0.75 * math.log(1.5) - 0.25 * math.log(2)
+    assert gkd_loss(student, teacher, 1, 1.0).item() == pytest.approx(kl_qp, abs=1e-6)
+    small, kl_pq = 1e-4, 0.5 * math.log(4 / 3)
+    assert (jsd_per_token(student, teacher, small) / small).item() == pytest.approx(kl_pq, rel=1e-2)
+    assert (jsd_per_token(student, teacher, 1 - small) / small).item() == pytest.approx(kl_qp, rel=1e-2)
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    gkd_loss(s, t, 1, 0.5).backward()
+    assert t.grad is None and s.grad.abs().sum() > 0
+
+
+def test_gkd_prompt_is_the_conversation_before_its_last_response():
+    ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    labels = [IGNORE, IGNORE, 3, 4, IGNORE, IGNORE, 7, 8]  # two assistant turns: 3 4 and 7 8
+    assert prompt_of(ids, labels) == [1, 2, 3, 4, 5, 6]
+
+
 def test_seqkd_nll_by_hand():
     logits = torch.tensor([[0.0, math.log(3)], [math.log(3), 0.0]])  # p(1) = 3/4 in row 0, p(1) = 1/4 in row 1
     by_hand = -(math.log(0.75) + math.log(0.25)) / 4
@@ -64,7 +91,7 @@ def test_seqkd_nll_by_hand():
 
 def test_a_bad_mode_or_method_is_a_one_line_usage_error(capsys):
     from algos import distill, merge
-    for module, args, choices in ((distill, ["--mode", "kd"], "seqkd, forward_kl, reverse_kl, on_policy"),
+    for module, args, choices in ((distill, ["--mode", "kd"], "seqkd, forward_kl, reverse_kl, on_policy, gkd"),
                                   (merge, ["--method", "mean"], "linear, slerp, task_arithmetic, ties, dare")):
         with pytest.raises(SystemExit) as e:
             module.parse_args(args)
@@ -249,11 +276,12 @@ def test_distill_refuses_a_missing_teacher_or_another_tokenizer(base, tok, tmp_p
     assert not out.exists()
 
 
-def test_on_policy_two_processes_match_one(base, tmp_path):
+@pytest.mark.parametrize("mode,source", [("on_policy", "rl.jsonl"), ("gkd", "sft.jsonl")])
+def test_on_policy_two_processes_match_one(mode, source, base, tmp_path):
     """The student's samples are seeded per micro-batch: 2 gloo processes of 2 prompts each sample, and lose, what
-    1 process with 2 micro-batches of 2 does."""
-    prompts = head("rl.jsonl", tmp_path / "r.jsonl", 32)
-    common = ["--mode", "on_policy", "--model", base, "--teacher", base, "--data", prompts, "--max_steps", 3,
+    1 process with 2 micro-batches of 2 does (gkd: the same steps on-policy, by λ = 0.5)."""
+    prompts = head(source, tmp_path / "r.jsonl", 32)
+    common = ["--mode", mode, "--model", base, "--teacher", base, "--data", prompts, "--max_steps", 3,
               "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--batch_size", 2, "--lr", 1e-3]
     run("distill", "--output_dir", tmp_path / "one", "--grad_accum", 2, *common)
     run("distill", "--output_dir", tmp_path / "two", *common, nproc=2)

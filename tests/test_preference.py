@@ -66,6 +66,21 @@ def test_dpop_term_only_below_the_reference():
     assert grads[1] < grads[0] < 0
 
 
+def test_rpo_adds_the_chosen_mean_token_nll():
+    """RPO: L_DPO + α·Σ_i -log πθ(yw_i|x_i) / N_w, N_w the chosen tokens of the global batch (20 here, the rest of
+    the batch on another process); its gradient on each chosen log-prob is -α/N_w more than DPO's."""
+    lc, lr, rc, rr = T([-4.0, -9.0]), T([-5.0, -6.0]), T([-4.5, -8.0]), T([-5.0, -7.0])
+    plain = dpo_loss(lc, lr, rc, rr, 0.1, 4)[0]
+    rpo = dpo_loss(lc, lr, rc, rr, 0.1, 4, rpo_alpha=0.5, n_chosen_tokens=20)[0]
+    assert close(rpo, plain.item() + 0.5 * (4.0 + 9.0) / 20)
+    grads = []
+    for alpha in (0.0, 0.5):
+        x = lc.clone().requires_grad_()
+        dpo_loss(x, lr, rc, rr, 0.1, 4, rpo_alpha=alpha, n_chosen_tokens=20)[0].backward()
+        grads.append(x.grad)
+    assert torch.allclose(grads[1] - grads[0], T([-0.5 / 20] * 2))
+
+
 # ---- IPO, SimPO, ORPO, KTO ----
 
 def test_ipo_by_hand():

@@ -7,7 +7,8 @@ import pytest
 import torch
 from util import GRAD_REL, habit_outcome, head, metrics, run
 
-from algos.grpo import aggregate, clipped_surrogate, grpo_advantages, kl_estimate
+from algos.grpo import (aggregate, cispo_loss, clipped_surrogate, grpo_advantages, importance_ratio, keep_groups,
+                        kl_estimate, overlong_penalty)
 from common.logps import completion_logps, group_rows, sharing_pays
 from common.sampling import bf16_sampler, generate
 from algos.remax import remax_advantages
@@ -25,7 +26,11 @@ def test_group_normalised_advantages():
     assert torch.allclose(grpo_advantages(r), want, atol=1e-6)
     # Dr. GRPO: centred only
     centred = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4, [1.0, -1.0, 0.0, 0.0]])
-    assert torch.allclose(grpo_advantages(r, scale_rewards=False), centred)
+    assert torch.equal(grpo_advantages(r, "none"), centred)
+    # batch: centred in the group, divided by the std of all 12 rewards (Σ r = 14, Σ r² = 2 + 4 + 18 = 24)
+    batch_std = math.sqrt((24 - 14 ** 2 / 12) / 11)
+    assert batch_std == pytest.approx(r.flatten().std().item())
+    assert torch.allclose(grpo_advantages(r, "batch", torch.tensor(batch_std)), centred / (batch_std + 1e-4))
 
 
 def test_leave_one_out_advantages():
@@ -63,11 +68,72 @@ def test_reinforce_loss_gradient_is_minus_advantage():
 def test_clipped_surrogate(ratio, adv, eps_high, loss, clipped):
     old = torch.tensor([[-1.0]])
     logps = (old + math.log(ratio)).requires_grad_(True)
-    out, clip = clipped_surrogate(logps, old, torch.tensor([adv]), 0.2, eps_high)
+    out, clip = clipped_surrogate(importance_ratio(logps, old, torch.ones(1, 1)), torch.tensor([adv]), 0.2, eps_high)
     assert out.item() == pytest.approx(loss, abs=1e-6) and clip.item() == clipped
     out.sum().backward()
     # d(-ρA)/d log π = -ρA where the unclipped term is active, 0 where the clip is
     assert logps.grad.item() == pytest.approx(0.0 if clipped else -ratio * adv, abs=1e-6)
+
+
+def test_sequence_level_ratio_is_one_per_completion():
+    """GSPO: s_i = exp(mean_t log ρ_i,t) over the completion's own tokens, clipped once for all of them; its gradient
+    reaches every token's log-prob by s_i/|o_i| (× -Â while unclipped)."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -0.9]])
+    logps = (old + torch.tensor([[0.2, -0.1, 5.0], [0.3, 0.3, 0.3]])).requires_grad_(True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # the third token of completion 0 is padding
+    s = importance_ratio(logps, old, mask, "sequence")
+    assert s.shape == (2, 1) and torch.allclose(s[:, 0], torch.tensor([math.exp(0.05), math.exp(0.3)]))
+    loss, clipped = clipped_surrogate(s, torch.tensor([2.0, 1.0]), 0.2)
+    assert torch.allclose(loss, torch.tensor([[-2 * math.exp(0.05)], [-1.2]]))  # exp(0.3) = 1.35 > 1.2: capped
+    assert clipped[:, 0].tolist() == [False, True]
+    aggregate(loss.expand(-1, 3), mask, "sequence", 2).backward()
+    want = torch.tensor([[-2 * math.exp(0.05) / 2 / 2] * 2 + [0.0], [0.0] * 3])  # (1/N)·(-Â)·s/|o|, N = 2
+    assert torch.allclose(logps.grad, want)
+    # on-policy both levels give ratio 1
+    assert torch.equal(importance_ratio(old, old, mask, "sequence"), torch.ones(2, 1))
+
+
+def test_cispo_keeps_a_gradient_where_the_clip_drops_it():
+    """-sg(min(ρ, 1+ε_high))·Â·log π: the weight is the capped ratio, the gradient -w·Â per token even where
+    capped; on-policy (ρ = 1) its gradient is the clipped surrogate's."""
+    old = torch.tensor([[-1.0, -1.0, -1.0]])
+    logps = (old + torch.tensor([[math.log(1.5), math.log(0.5), 0.0]])).requires_grad_(True)
+    ratio = importance_ratio(logps, old, torch.ones(1, 3))
+    loss, capped = cispo_loss(ratio, logps, torch.tensor([2.0]), 0.2)
+    w = torch.tensor([[1.2, 0.5, 1.0]])  # 1.5 capped at 1 + 0.2; no lower bound
+    assert torch.allclose(loss, -w * 2.0 * logps.detach()) and capped.tolist() == [[True, False, False]]
+    loss.sum().backward()
+    assert torch.allclose(logps.grad, -w * 2.0)  # the clipped surrogate gives the first token 0 here
+    on = old.clone().requires_grad_(True)
+    cispo_loss(importance_ratio(on, old, torch.ones(1, 3)), on, torch.tensor([2.0]), 0.2)[0].sum().backward()
+    clip = old.clone().requires_grad_(True)
+    clipped_surrogate(importance_ratio(clip, old, torch.ones(1, 3)), torch.tensor([2.0]), 0.2)[0].sum().backward()
+    assert torch.equal(on.grad, clip.grad)
+
+
+def test_overlong_penalty_ramps_over_the_buffer():
+    # cap 12, buffer 4: nothing up to 8 tokens, then -p·(|o| - 8)/4, -p at the cap
+    got = overlong_penalty(torch.tensor([3.0, 8.0, 9.0, 10.0, 12.0]), 12, 4, 0.5)
+    assert torch.allclose(got, torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5]))
+
+
+def test_dynamic_sampling_keeps_groups_with_a_reward_spread():
+    """Round 0: groups a (spread), b (all 0), c (all 1); round 1: d (all 0), e (spread). Three groups are kept: a, e
+    (spread, in the order drawn), then b (the first flat group fills the shortfall); completions padded to the
+    longest round."""
+    G = 2
+    def part(names, rewards, C):
+        n = len(names) * G
+        return {"recs": [{"name": x} for x in names], "comp": torch.arange(n * C).view(n, C) + 100,
+                "mask": torch.ones(n, C, dtype=torch.bool), "ended": torch.ones(n, dtype=torch.bool),
+                "sampler_logps": -torch.ones(n, C), "rewards": torch.tensor(rewards)}
+    rounds = [part("abc", [1.0, 0.0, 0.0, 0.0, 1.0, 1.0], 2), part("de", [0.0, 0.0, 0.0, 1.0], 3)]
+    out = keep_groups(rounds, 3, G, pad_id=-7)
+    assert [r["name"] for r in out["recs"]] == ["a", "e", "b"]
+    assert out["rewards"].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert out["comp"].shape == (6, 3) and out["comp"][0].tolist() == [100, 101, -7]
+    assert out["comp"][2].tolist() == rounds[1]["comp"][2].tolist()
+    assert out["mask"][0].tolist() == [True, True, False] and out["sampler_logps"][0].tolist() == [-1.0, -1.0, 0.0]
 
 
 def test_token_and_sequence_mean_denominators():
@@ -174,6 +240,29 @@ def test_static_cache_samples_what_the_dynamic_cache_samples(sft):
     assert len(set(map(tuple, comp.tolist()))) > 1  # sampled, not a constant
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_sampled_logps_are_the_samplers(sft, top_p):
+    """generate(..., sampled_logps=True) draws the same tokens, and returns the log-prob of each under the tempered
+    distribution it was drawn from: the training forward's log softmax(logits/T) at top_p 1, the renormalised nucleus
+    (never below it) at top_p < 1; padding after EOS is 0."""
+    from transformers import GenerationConfig
+    model, tok, prompts = sft
+    cfg = GenerationConfig(do_sample=True, temperature=0.7, top_p=top_p, top_k=0, max_new_tokens=8,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    comp, mask, ended = generate(model, prompts, 3, tok, cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    comp_r, mask_r, ended_r, sampler = generate(model, prompts, 3, tok, cfg, torch.device("cpu"), sampled_logps=True)
+    assert torch.equal(comp, comp_r) and torch.equal(mask, mask_r) and torch.equal(ended, ended_r)
+    train, _ = completion_logps(model, group_rows(prompts, comp, 3, tok.pad_token_id, False), comp.shape[1], 0.7,
+                                torch.device("cpu"))
+    assert (sampler[~mask] == 0).all() and not mask.all()  # some sample ended early
+    if top_p == 1.0:
+        assert torch.allclose(sampler[mask], train[mask], atol=1e-5)
+    else:
+        assert (sampler[mask] >= train[mask] - 1e-5).all() and (sampler[mask] > train[mask] + 1e-3).any()
+
+
 def test_bf16_sampler_is_the_policy_in_bf16(sft):
     """With the fixed-size cache on one GPU, the sampling scripts decode with bf16_sampler's copy: bf16 casts of the
     policy's parameters (tied ones still tied), without gradients, refreshed in place after an update; the policy
@@ -239,13 +328,15 @@ def test_batched_logps_match_one_row_each(sft, share_prompt):
     assert (ents > 0).all()
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rloo", "remax"])
-def test_two_processes_give_the_same_loss(algo, sft_run, tmp_path):
+@pytest.mark.parametrize("algo,extra", [("grpo", []), ("rloo", []), ("remax", []),
+                                        ("grpo", ["--scale_rewards", "batch", "--dynamic_sampling", 2,
+                                                  "--importance_sampling_level", "sequence", "--num_iterations", 2])])
+def test_two_processes_give_the_same_loss(algo, extra, sft_run, tmp_path):
     """4 prompts a step, each sampled group_size times: 1 process with 2 micro-batches of 2 prompts against 2
-    processes with 2 prompts each."""
+    processes with 2 prompts each (the batch's reward std and dynamic sampling's extra prompts included)."""
     common = ["--model", sft_run, "--eval_data", head("eval.jsonl", tmp_path / "eval_16.jsonl", 16), "--max_steps", 3,
               "--log_every", 1, "--eval_every", 0,
-              "--save_every", 0, "--batch_size", 2, "--lr", 1e-3]
+              "--save_every", 0, "--batch_size", 2, "--lr", 1e-3, *extra]
     run(algo, "--output_dir", tmp_path / "one", "--grad_accum", 2, *common)
     run(algo, "--output_dir", tmp_path / "two", *common, nproc=2)
     one, two = [[m for m in metrics(tmp_path / d) if "loss" in m] for d in ("one", "two")]
@@ -265,10 +356,25 @@ def test_grpo_options_run(sft_run, tmp_path):
         "--output_dir", tmp_path / "out", "--max_steps", 2, "--log_every", 1, "--eval_every", 0, "--save_every", 0,
         "--lr", 1e-3, "--num_iterations", 3, "--kl_placement", "reward", "--kl_estimator", "k2",
         "--loss_agg", "sequence", "--mask_truncated", "true",
-        "--share_prompt", "false", "--scale_rewards", "false", "--clip_eps_high", 0.28)
+        "--share_prompt", "false", "--scale_rewards", "none", "--clip_eps_high", 0.28)
     m = [r for r in metrics(tmp_path / "out") if "loss" in r]
     assert len(m) == 2 and all(math.isfinite(r["loss"]) for r in m)
     assert m[-1]["approx_kl"] > 0 and m[-1]["kl"] > 0  # later passes are off-policy; the policy has left the reference
+
+
+def test_grpo_variants_run(sft_run, tmp_path):
+    """GSPO ratios, CISPO, dynamic sampling, the overlong penalty, batch-scaled advantages, truncated importance
+    sampling: each logs what it adds; dynamic sampling draws extra groups and keeps fewer flat ones."""
+    common = ["--model", sft_run, "--data", head("rl.jsonl", tmp_path / "rl_64.jsonl", 64), "--eval_data", "",
+              "--max_steps", 2, "--log_every", 1, "--save_every", 0, "--lr", 1e-3, "--num_iterations", 2]
+    run("grpo", *common, "--output_dir", tmp_path / "gspo", "--importance_sampling_level", "sequence",
+        "--loss_agg", "sequence", "--scale_rewards", "batch", "--tis_cap", 2.0)
+    run("grpo", *common, "--output_dir", tmp_path / "cispo", "--loss_type", "cispo", "--dynamic_sampling", 3,
+        "--overlong_buffer", 10, "--overlong_penalty", 0.5)
+    gspo, cispo = [[r for r in metrics(tmp_path / d) if "loss" in r] for d in ("gspo", "cispo")]
+    assert all(math.isfinite(r["loss"]) and r["mismatch_k3"] < 1e-6 for r in gspo + cispo)  # fp32 CPU: one forward
+    assert all(r["extra_groups"] > 0 and r["frac_zero_std_kept"] < r["frac_zero_std"] for r in cispo)
+    assert all(-0.5 <= r["reward/overlong"] < 0 for r in cispo)  # some completions reach the buffer
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "remax"])

@@ -128,7 +128,9 @@ case "${1:-}" in
     fi
     $PY tests/bench.py "$@"
     $PY tests/bench_dpo.py
-    $PY tests/bench_grpo.py ;;
+    $PY tests/bench_grpo.py
+    # our losses against TRL's own loss code on the same tensors, where TRL has the same option
+    if [ -x .venv-trl/bin/python ]; then .venv-trl/bin/python tests/trl_match.py || echo "trl_match: see above"; fi ;;
   study)
     # ./run.sh study kl: a sweep of the KL coefficient β for grpo (verifier) and ppo (reward model) from runs/sft,
     # plotted as gold accuracy and reward against KL to the reference (runs/study_kl.png, runs/study_kl/study_kl.md)

@@ -166,6 +166,8 @@ def rates(out, per_step=1, skip=1):
     steps = sum(b["step"] - a["step"] for a, b in timed)
     seconds = sum(b["time"] - a["time"] for a, b in timed)
     sampling = {"generate_s": sum(b["generate_s"] for _, b in timed) / len(timed)} if "generate_s" in rows[-1] else {}
+    if "mismatch_k3" in rows[-1]:  # grpo: the sampler (bf16 copy, fixed-size cache) against the training forward
+        sampling["mismatch_k3"] = sum(r["mismatch_k3"] for r in rows) / len(rows)
     return {"tokens_per_s": sum(b["tokens_per_s"] for _, b in timed) / len(timed), "per_s": steps * per_step / seconds,
             "s_per_step": seconds / steps, "peak_mem_gb": rows[-1]["peak_mem_gb"], **sampling}
 
@@ -214,6 +216,9 @@ def throughput(d, runs, n_params, header=True):
             r["mfu"] = 6 * n_params * r["tokens_per_s"] / PEAK_FLOPS
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
         print(f"| {name} | {described} | {show(r, name)} | {r['peak_mem_gb']:.1f} | {mfu} |", flush=True)
+        if "mismatch_k3" in r:
+            print(f"| {name}: sampler mismatch | k3 of KL(π_sampler ‖ π_train) a completion token | "
+                  f"{r['mismatch_k3']:.2e} | | |", flush=True)
     return rows
 
 

@@ -78,7 +78,7 @@ class Args:
     warmup_ratio: float = 0.05  # fraction of steps of linear warmup before the cosine decay
     seed: int = 0  # seed of the data order and of every RNG
     log_every: int = 10  # steps between metrics lines
-    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard) or wandb
+    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard), wandb or trackio
     eval_every: int = 50  # steps between evaluations (0: only at the end)
     save_every: int = 100  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists

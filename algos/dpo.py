@@ -68,7 +68,7 @@ class Args:
     warmup_ratio: float = 0.1  # fraction of steps of linear warmup before the cosine decay
     seed: int = 0  # seed of the data order and of every RNG
     log_every: int = 5  # steps between metrics lines
-    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard) or wandb
+    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard), wandb or trackio
     eval_every: int = 25  # steps between evaluations (0: only at the end)
     save_every: int = 25  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists

@@ -12,7 +12,8 @@ Variants, each a flag whose default is the objective above:
   --scale_rewards batch|none: Â_i's divisor is the std of every reward of the step's batch (Lite PPO, arXiv:2508.08221;
       REINFORCE++-baseline, arXiv:2501.03262, divides by the std of the centred advantages instead), or 1 (Dr. GRPO).
   --importance_sampling_level sequence (GSPO, arXiv:2507.18071): one ratio per completion, clipped per completion,
-      s_i = exp((1/|o_i|) Σ_t log ρ_i,t); it differs from token ratios only off-policy (--num_iterations > 1).
+      s_i = exp((1/|o_i|) Σ_t log ρ_i,t); it differs from token ratios only off-policy (--num_iterations > 1). The
+      paper clips at ε_low 3e-4, ε_high 4e-4 and averages per completion (--loss_agg sequence).
   --loss_type cispo (MiniMax-M1, arXiv:2506.13585): J = (1/N) Σ_i Σ_t sg(min(ρ_i,t, 1+ε_high)) Â_i log πθ(o_i,t):
       the ratio is clipped as a weight, so every token keeps a gradient (the paper's lower bound left open, as in TRL).
   --dynamic_sampling K (DAPO): groups whose task rewards are all equal carry no policy gradient; they are replaced
@@ -95,7 +96,7 @@ class Args:
     warmup_ratio: float = 0.0  # fraction of optimizer steps of linear warmup
     seed: int = 0  # seed of the prompt order, the sampling and every RNG
     log_every: int = 1  # steps between metrics lines (each line reports its own step's rollout)
-    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard) or wandb
+    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard), wandb or trackio
     eval_every: int = 50  # steps between evaluations (0: only at the start and the end)
     save_every: int = 50  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists

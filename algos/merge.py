@@ -58,7 +58,7 @@ class Args:
     output_dir: str = "runs/merge"  # merged model + tokenizer, args.json, metrics.jsonl
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # of the saved model; auto: the first input's
     seed: int = 0  # seed of dare's drop masks
-    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard) or wandb
+    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard), wandb or trackio
     trust_remote_code: bool = False  # allow model code from the hub to run
 
 

@@ -94,7 +94,7 @@ class Args:
     warmup_ratio: float = 0.0  # fraction of steps of linear warmup, then a constant rate
     seed: int = 0  # seed of the prompt order and of every RNG
     log_every: int = 1  # steps between metrics lines (each line reports its own step's rollout)
-    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard) or wandb
+    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard), wandb or trackio
     eval_every: int = 25  # steps between evaluations (0: only at the end)
     save_every: int = 50  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists

@@ -73,7 +73,7 @@ class Args:
     max_grad_norm: float = 1.0  # gradient clipping
     seed: int = 0  # seed of the prompt order, the sampling and every RNG
     eval_every: int = 1  # rounds between evaluations (0: only at the start and the end)
-    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard) or wandb
+    report_to: str = "none"  # also log metrics to tensorboard (output_dir/tensorboard), wandb or trackio
     save_every: int = 0  # rounds between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run

@@ -3,6 +3,7 @@
 Every error raised here is a SystemExit carrying one line, `error: <file>:<line>: <what>`, so a
 script stops with exit status 1 before it has created any output.
 """
+import atexit
 import dataclasses
 import importlib.util
 import inspect
@@ -108,7 +109,8 @@ POSITIVE = ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "group
             "num_iterations", "ppo_epochs", "num_samples", "rounds")  # counts and sizes that must be at least 1
 NON_NEGATIVE = ("max_steps", "eval_every", "save_every", "dynamic_sampling", "overlong_penalty", "tis_cap",
                 "rpo_alpha")  # 0 has a meaning of its own (see each Args)
-TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # --report_to: name -> optional package
+TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb",
+            "trackio": "trackio"}  # --report_to: name -> its optional package
 
 
 def resolve(choice, auto):
@@ -162,7 +164,9 @@ def parse(cls, argv=None):
 class Metrics:
     """metrics.jsonl (one object per logged step, the source of truth) plus one human-readable line; rank 0 only.
     report_to="tensorboard" also writes event files to output_dir/tensorboard, "wandb" logs to a Weights & Biases
-    run (offline with WANDB_MODE=offline); both are optional packages, checked by parse() before anything runs."""
+    run (offline with WANDB_MODE=offline), "trackio" to a local Trackio project (TRACKIO_PROJECT, default
+    "post-training"; the dashboard: `trackio show`; nothing leaves the machine unless its settings ask); all
+    optional packages, checked by parse() before anything runs."""
 
     def __init__(self, output_dir, enabled, resume_step=0, report_to="none", config=None):
         self.enabled, self.path, self.t0 = enabled, os.path.join(output_dir, "metrics.jsonl"), time.time()
@@ -173,7 +177,7 @@ class Metrics:
                 f.writelines(keep)
         elif enabled and os.path.exists(self.path):
             os.remove(self.path)
-        self.tensorboard = self.wandb = None
+        self.tensorboard = self.wandb = self.trackio = None
         if enabled and report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=resume_step or None)
@@ -181,6 +185,13 @@ class Metrics:
             import wandb
             name = os.path.basename(os.path.normpath(output_dir))
             self.wandb = wandb.init(name=name, dir=output_dir, config=config, resume="allow")
+        elif enabled and report_to == "trackio":
+            import trackio
+            name = os.path.basename(os.path.normpath(output_dir))
+            trackio.init(project=os.environ.get("TRACKIO_PROJECT", "post-training"), name=name, config=config,
+                         resume="allow")
+            self.trackio = trackio
+            atexit.register(trackio.finish)  # its logging thread flushes at finish
 
     def log(self, step, **m):
         if not self.enabled:
@@ -198,6 +209,8 @@ class Metrics:
             self.tensorboard.flush()
         if self.wandb:
             self.wandb.log(scalars, step=step)
+        if self.trackio:
+            self.trackio.log(scalars, step=step)
 
 
 def unpaired(rec, where):

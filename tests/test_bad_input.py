@@ -76,7 +76,7 @@ def test_exit_status_and_stderr_from_the_command_line(base, tmp_path):
     (["--max_len", "0"], "error: --max_len must be positive, got 0", 2),
     (["--data", "nowhere.jsonl"], "error: nowhere.jsonl: no such file", 1),
     (["--data", "tests"], "error: tests: is a directory, expected a JSONL file", 1),
-    (["--report_to", "mlflow"], "error: --report_to must be one of none, tensorboard, wandb, got 'mlflow'", 2),
+    (["--report_to", "mlflow"], "error: --report_to must be one of none, tensorboard, wandb, trackio, got 'mlflow'", 2),
     (["--compile", "maybe"], "error: --compile must be one of auto, true, false, got 'maybe'", 2),
 ])
 def test_bad_arguments_one_line_nonzero_nothing_written(args, expected, status, tmp_path):

@@ -51,7 +51,23 @@ def test_metrics_go_to_wandb_from_rank_0_only(tmp_path, monkeypatch):
     assert logged[0][0] == {"loss": 0.5, "lr": 0.1, "time": logged[0][0]["time"]} and logged[1] == {"step": 7}
 
 
-@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_metrics_go_to_trackio(tmp_path, monkeypatch):
+    calls = []
+    fake = types.ModuleType("trackio")
+    for name in ("init", "log", "finish"):
+        setattr(fake, name, lambda *a, _name=name, **k: calls.append((_name, a, k)))
+    monkeypatch.setitem(sys.modules, "trackio", fake)
+    monkeypatch.setenv("TRACKIO_PROJECT", "p")
+    monkeypatch.setattr(data.atexit, "register", lambda fn: calls.append(("atexit", (fn,), {})))
+    (tmp_path / "dpo").mkdir()
+    data.Metrics(str(tmp_path / "dpo"), True, report_to="trackio", config={"beta": 0.1}).log(5, loss=0.25)
+    assert calls[0] == ("init", (), {"project": "p", "name": "dpo", "config": {"beta": 0.1}, "resume": "allow"})
+    assert calls[1] == ("atexit", (fake.finish,), {})
+    name, args, kwargs = calls[2]
+    assert name == "log" and args[0]["loss"] == 0.25 and kwargs == {"step": 5}
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb", "trackio"])
 def test_a_missing_tracker_package_is_a_one_line_error(tracker, tmp_path):
     if importlib.util.find_spec(tracker) is not None:
         pytest.skip(f"{tracker} is installed here")

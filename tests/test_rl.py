@@ -412,9 +412,13 @@ def test_grpo_variant_learns(variant, sft_run, tok, tmp_path):
     run("grpo", "--model", sft_run, "--output_dir", tmp_path / "out", "--max_steps", 40, "--log_every", 5,
         "--eval_every", 0, "--save_every", 0, *GRPO_VARIANTS[variant])
     acc, echo = habit_outcome(f"grpo {variant}", sft_run, tmp_path / "out", tok)
-    # CALIBRATION
-    assert echo[1] < ECHO * echo[0]
-    assert acc[-1] > acc[0] - ACC
+    # Over seeds 0-2 x the kernel paths (avx512 here, ATEN_CPU_CAPABILITY=avx2 and default, runs/toy built under each),
+    # each from that cell's SFT model: P(echo) fell to 0.19-0.66 of its start (gspo), 0.21-0.69 (cispo), 0.19-0.63
+    # (dynamic_sampling); accuracy changed by -0.031 to +0.164, -0.051 to +0.148 (cispo, default seed 0) and -0.016
+    # to +0.160 (plain grpo in the same cells: 0.22-0.74 and -0.031 to +0.172). The guard on accuracy is wider than
+    # the plain test's: CISPO's worst cell came within 0.001 of its 0.05.
+    assert echo[1] < 0.85 * echo[0]
+    assert acc[-1] > acc[0] - 0.08
 
 
 def test_user_data_without_eval_set_logs_no_eval_keys(base, tmp_path):

@@ -34,7 +34,8 @@ Deviations from the paper:
      gradient; --kl_placement reward moves the penalty into the reward (-β Σ_t k_t per completion) instead.
   3. Log-probs are of the tempered policy softmax(logits / T) that sampled (as in TRL), top-p aside.
   4. Sampling is seeded per micro-batch: samples (and the loss) do not depend on the process count.
-Data: JSONL, {"prompt": ..., "answer": ...} (prompt: a string or a message list); reward = common.toy.verify.
+Data: JSONL, {"prompt": ..., "answer": ...} (prompt: a string or a message list); reward = common.toy.verify, or
+the weighted sum of --reward_fn functions of the completion and its record (common/rewards.py; "answer" optional).
 Run:  python algos/grpo.py
       torchrun --nproc_per_node 8 algos/grpo.py --model runs/sft --data prompts.jsonl --max_new_tokens 256
 """
@@ -42,7 +43,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -54,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
 from common.logps import completion_logps, group_rows, sharing_pays  # noqa: E402
 from common.models import adamw, load_config, load_model, load_tokenizer, start_run  # noqa: E402
+from common.rewards import load_rewards, reward  # noqa: E402
 from common.sampling import bf16_sampler, distinct2, generate  # noqa: E402
 from common.template import encode_prompt  # noqa: E402
 
@@ -81,6 +83,7 @@ class Args:
     ref_model: str = ""  # frozen reference policy of the KL penalty; default: --model
     data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
     eval_data: str = ""  # held-out {"prompt", "answer"} JSONL; default: the embedded eval set when --data is not given
+    reward_fn: list[str] = field(default_factory=list)  # FILE.py:NAME[:WEIGHT], repeatable; default: the verifier
     output_dir: str = "runs/grpo"  # model, args.json, metrics.jsonl, checkpoint/
     max_len: int = 128  # prompt + completion tokens; longer prompts are dropped (and counted)
     batch_size: int = 16  # prompts per process per micro-batch (each sampled group_size times)
@@ -173,30 +176,32 @@ def aggregate(loss_BT, mask_BT, loss_agg, n_global):
     return ((loss_BT * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)).sum() / max(n_global, 1)
 
 
-def load_prompts(path, tok, args):
+def load_prompts(path, tok, args, need_answer=True):
     """-> [(prompt ids, answer)]; prompts leaving fewer than max_new_tokens of max_len are dropped (and counted)."""
     recs, n_long = [], 0
     for where, rec in data.read_jsonl(path):
         prompt = data.messages(data.field(rec, where, "prompt", (str, list)), where, "prompt", "user")
         ids = encode_prompt(tok, prompt)
-        answer = data.field(rec, where, "answer", str)
+        answer = data.field(rec, where, "answer", str) if need_answer or "answer" in rec else None
         if len(ids) + args.max_new_tokens > args.max_len:
             n_long += 1
         else:
-            recs.append({"ids": ids, "prompt": rec["prompt"], "answer": answer})
+            recs.append({"ids": ids, "prompt": rec["prompt"], "answer": answer, "record": rec, "where": where})
     return recs, n_long
 
 
 @torch.no_grad()
-def sample_groups(policy, recs, tok, gen_cfg, args, static_len, device):
-    """G samples of each prompt, the sampler's log-probs of them, and their task rewards (the verifier)."""
+def sample_groups(policy, recs, fns, tok, gen_cfg, args, static_len, device):
+    """G samples of each prompt, the sampler's log-probs of them, and their task rewards (the verifier, or
+    Σ_k w_k·f_k(completion, record) of the reward functions, each also kept apart in parts)."""
     G = args.group_size
     comp, mask, ended, sampler_logps = generate(policy, [r["ids"] for r in recs], G, tok, gen_cfg, device,
                                                 dist.rank_world()[1] > 1, static_len, sampled_logps=True)
     texts = tok.batch_decode(comp, skip_special_tokens=True)  # on the host: the sampling has finished
-    rewards = torch.tensor([toy.verify(t, r["answer"]) for t, r in zip(texts, [r for r in recs for _ in range(G)])],
-                           device=device)
-    return dict(recs=recs, comp=comp, mask=mask, ended=ended, sampler_logps=sampler_logps, rewards=rewards)
+    each = [r for r in recs for _ in range(G)]
+    rewards, parts = reward(fns, texts, [r["record"] for r in each], [r["where"] for r in each], device)
+    return dict(recs=recs, comp=comp, mask=mask, ended=ended, sampler_logps=sampler_logps, rewards=rewards,
+                parts=parts)
 
 
 def keep_groups(rounds, n, G, pad_id):
@@ -213,22 +218,24 @@ def keep_groups(rounds, n, G, pad_id):
         if key in pads:
             rows = [F.pad(x, (0, C - x.shape[1]), value=pads[key]) for x in rows]
         out[key] = torch.cat(rows)
+    out["parts"] = {name: torch.cat([rounds[k]["parts"][name][j * G:(j + 1) * G] for k, j in chosen])
+                    for name in rounds[0]["parts"]}
     return out
 
 
 @torch.no_grad()
-def rollout(policy, ref, recs, seed, pool, tok, gen_cfg, args, share, static_len, device):
+def rollout(policy, ref, recs, seed, pool, fns, tok, gen_cfg, args, share, static_len, device):
     """G samples per prompt, their rewards and the reference log-probs, without gradients. The sampling policy's own
     log-probs come from the first update pass (on-policy): no forward of their own. With dynamic sampling, rounds of
     len(recs) prompts drawn from pool are sampled until len(recs) groups have a reward spread, or K extra rounds."""
     torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
     draw = torch.Generator().manual_seed(seed)  # dynamic sampling's extra prompts: by the same seed
     t_gen, G = time.time(), args.group_size
-    rounds = [sample_groups(policy, recs, tok, gen_cfg, args, static_len, device)]
+    rounds = [sample_groups(policy, recs, fns, tok, gen_cfg, args, static_len, device)]
     n_spread = spread(rounds[0]["rewards"].view(-1, G)).sum().item()
     while args.dynamic_sampling and n_spread < len(recs) and len(rounds) <= args.dynamic_sampling:
         more = [pool[j] for j in torch.randperm(len(pool), generator=draw)[:len(recs)].tolist()]
-        rounds.append(sample_groups(policy, more, tok, gen_cfg, args, static_len, device))
+        rounds.append(sample_groups(policy, more, fns, tok, gen_cfg, args, static_len, device))
         n_spread += spread(rounds[-1]["rewards"].view(-1, G)).sum().item()
     batch = rounds[0] if len(rounds) == 1 else keep_groups(rounds, len(recs), G, tok.pad_token_id)
     t_gen = time.time() - t_gen
@@ -244,7 +251,8 @@ def rollout(policy, ref, recs, seed, pool, tok, gen_cfg, args, share, static_len
         mask = mask & batch["ended"][:, None]
     n_tokens = sum(len(r["ids"]) for d in rounds for r in d["recs"]) * G + sum(d["mask"].sum().item() for d in rounds)
     flat_first = len(recs) - spread(rounds[0]["rewards"].view(-1, G)).sum().item()
-    return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=batch["rewards"], score=score,
+    return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=batch["rewards"], parts=batch["parts"],
+                score=score,
                 sampler_logps=batch["sampler_logps"], ref_logps=ref_logps, n_tokens=n_tokens, generate_s=t_gen,
                 extra_groups=sum(len(d["recs"]) for d in rounds[1:]), flat_first=flat_first)
 
@@ -274,14 +282,16 @@ def main(args):
             "nucleus, so the weights fall below 1 by the mass outside it")
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    fns = load_rewards(args.reward_fn)
     tok = load_tokenizer(args.model, args.trust_remote_code)
-    prompts, n_long = load_prompts(args.data, tok, args)
+    prompts, n_long = load_prompts(args.data, tok, args, need_answer=not args.reward_fn)
     eval_prompts = load_prompts(args.eval_data, tok, args)[0] if args.eval_data else []
     eval_recs = [{"prompt": r["prompt"], "answer": r["answer"]} for r in eval_prompts]
     say(f"{len(prompts)} prompts; {n_long} longer than max_len={args.max_len} - max_new_tokens were dropped")
     P = args.batch_size * args.grad_accum * world  # prompts per step
     if len(prompts) < P:
         data.fail(f"{args.data}: {len(prompts)} prompts, fewer than one global batch of {P}")
+    reward(fns, [""], [prompts[0]["record"]], [prompts[0]["where"]], device)  # a function that fails, fails now
     steps_per_epoch = len(prompts) // P
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
@@ -327,8 +337,8 @@ def main(args):
         for g in [i * world + rank for i in range(args.grad_accum)]:  # this process's micro-batches of the step
             recs = [prompts[j] for j in idx[g * args.batch_size:(g + 1) * args.batch_size].tolist()]
             policy = bf16_sampler(model, sampler) if sampler is not None else model
-            batches.append(rollout(policy, ref, recs, args.seed * 10**9 + step * 10**4 + g, prompts, tok, gen_cfg,
-                                   args, share, static_len, device))
+            batches.append(rollout(policy, ref, recs, args.seed * 10**9 + step * 10**4 + g, prompts, fns, tok,
+                                   gen_cfg, args, share, static_len, device))
             timing["generate"] += batches[-1]["generate_s"]
 
         # Rollout statistics: named sums over this step's micro-batches, reduced over processes at the log line.
@@ -342,6 +352,8 @@ def main(args):
                       "zero_std_kept": (~spread(r_BG)).sum(), "score": b["score"].sum(),
                       "completion_tokens": b["mask"].sum(),
                       "distinct2": sum(distinct2(c) for c in groups)})
+            if args.reward_fn:  # each reward function apart, before weighting
+                sums.add({f"reward/{name}": v.sum() for name, v in b["parts"].items()})
             tokens += b["n_tokens"]
         batch_std = None  # --scale_rewards batch: the std of every score of the step, over all processes
         if args.scale_rewards == "batch":
@@ -419,10 +431,12 @@ def main(args):
             kl = {"kl": s["kl"] / n_resp} if ref is not None else {}
             shaped = {"reward/overlong": (s["score"] - s["reward"]) / s["samples"]} if args.overlong_buffer else {}
             dynamic = {"extra_groups": s["extra_groups"], "frac_zero_std_kept": s["zero_std_kept"] / s["groups"]}
+            parts = {f"reward/{f.name}": s[f"reward/{f.name}"] / s["samples"] for f in fns} if args.reward_fn else {}
             metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm.item(), tokens_per_s=tps,
                         peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean, "reward/std": std},
                         frac_zero_std=s["zero_std_groups"] / s["groups"], **kl, entropy=s["entropy"] / n_resp,
                         mismatch_k3=s["mismatch_k3"] / n_resp, **shaped, **(dynamic if args.dynamic_sampling else {}),
+                        **parts,
                         clip_frac=s["clipped"] / n_upd, approx_kl=s["approx_kl"] / n_upd,
                         response_length=s["completion_tokens"] / s["samples"], distinct2=s["distinct2"] / s["groups"],
                         step_s=seconds / timing["steps"], generate_s=timing["generate"] / timing["steps"], **extra)

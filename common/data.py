@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+import typing
 
 from tqdm import tqdm
 
@@ -118,16 +119,36 @@ def resolve(choice, auto):
     return choice == "true" or (choice == "auto" and auto)
 
 
+def gathered(argv, flags):
+    """A list option given more than once (`--reward_fn a --reward_fn b`) -> once, with every value (`a b`):
+    argparse would keep only the last."""
+    values, order, i = {}, [], 0
+    while i < len(argv):
+        j = i + 1
+        if argv[i] in flags:
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            if argv[i] not in values:
+                order.append(argv[i])
+            values.setdefault(argv[i], []).extend(argv[i + 1:j])
+        else:
+            order.append(argv[i])
+        i = j
+    return [x for a in order for x in ([a, *values[a]] if a in values else [a])]
+
+
 def parse(cls, argv=None):
     """Args dataclass <- command line, through transformers' HfArgumentParser, with what it lacks:
     - `--help` shows each field's comment from the source (`name: type = default  # meaning`) and its default;
     - an unknown or mistyped argument is argparse's one-line usage error (exit status 2), not a traceback;
     - a field typed `Literal["a", "b"]` takes only those values: `--name must be one of a, b, got 'c'`;
     - `--epochs N` given without `--max_steps` runs N epochs (max_steps 0) instead of the default step budget;
-    - counts and sizes that must be positive are checked, each with a one-line error."""
+    - counts and sizes that must be positive are checked, each with a one-line error;
+    - a list option may be repeated: `--reward_fn a.py:f --reward_fn b.py:g` gives both."""
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    argv = gathered(argv, {f"--{f.name}" for f in dataclasses.fields(cls) if typing.get_origin(f.type) is list})
     source = inspect.getsource(cls)
     helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
     parser = HfArgumentParser(cls)

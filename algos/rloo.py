@@ -17,7 +17,8 @@ Deviations from the paper:
      over the completion and subtracted from the reward; it is computed from the sampling-time log-probs.
   3. Log-probs are of the tempered policy softmax(logits / T) that sampled (as in TRL), top-p aside.
   4. Sampling is seeded per micro-batch: samples (and the loss) do not depend on the process count.
-Data: JSONL, {"prompt": ..., "answer": ...} (prompt: a string or a message list); reward = common.toy.verify.
+Data: JSONL, {"prompt": ..., "answer": ...} (prompt: a string or a message list); reward = common.toy.verify, or
+the weighted sum of --reward_fn functions of the completion and its record (common/rewards.py; "answer" optional).
 Run:  python algos/rloo.py
       torchrun --nproc_per_node 8 algos/rloo.py --model runs/sft --data prompts.jsonl --max_new_tokens 256
 """
@@ -25,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
 from common.logps import completion_logps, group_rows, sharing_pays  # noqa: E402
 from common.models import adamw, load_config, load_model, load_tokenizer, start_run  # noqa: E402
+from common.rewards import load_rewards, reward  # noqa: E402
 from common.sampling import bf16_sampler, distinct2, generate  # noqa: E402
 from common.template import encode_prompt  # noqa: E402
 
@@ -51,6 +53,7 @@ class Args:
     ref_model: str = ""  # frozen reference policy of the KL penalty; default: --model
     data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
     eval_data: str = ""  # held-out {"prompt", "answer"} JSONL; default: the embedded eval set when --data is not given
+    reward_fn: list[str] = field(default_factory=list)  # FILE.py:NAME[:WEIGHT], repeatable; default: the verifier
     output_dir: str = "runs/rloo"  # model, args.json, metrics.jsonl, checkpoint/
     max_len: int = 128  # prompt + completion tokens; longer prompts are dropped (and counted)
     batch_size: int = 16  # prompts per process per micro-batch (each sampled group_size times)
@@ -109,22 +112,22 @@ def aggregate(loss_BT, mask_BT, loss_agg, n_global):
     return ((loss_BT * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)).sum() / max(n_global, 1)
 
 
-def load_prompts(path, tok, args):
+def load_prompts(path, tok, args, need_answer=True):
     """-> [(prompt ids, answer)]; prompts leaving fewer than max_new_tokens of max_len are dropped (and counted)."""
     recs, n_long = [], 0
     for where, rec in data.read_jsonl(path):
         prompt = data.messages(data.field(rec, where, "prompt", (str, list)), where, "prompt", "user")
         ids = encode_prompt(tok, prompt)
-        answer = data.field(rec, where, "answer", str)
+        answer = data.field(rec, where, "answer", str) if need_answer or "answer" in rec else None
         if len(ids) + args.max_new_tokens > args.max_len:
             n_long += 1
         else:
-            recs.append({"ids": ids, "prompt": rec["prompt"], "answer": answer})
+            recs.append({"ids": ids, "prompt": rec["prompt"], "answer": answer, "record": rec, "where": where})
     return recs, n_long
 
 
 @torch.no_grad()
-def rollout(policy, ref, recs, seed, tok, gen_cfg, args, share, static_len, device):
+def rollout(policy, ref, recs, seed, fns, tok, gen_cfg, args, share, static_len, device):
     """G samples per prompt, their rewards and the reference log-probs, without gradients. The sampling policy's own
     log-probs come from the first update pass (on-policy): no forward of their own."""
     torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
@@ -134,15 +137,15 @@ def rollout(policy, ref, recs, seed, tok, gen_cfg, args, share, static_len, devi
                                  static_len)
     texts = tok.batch_decode(comp, skip_special_tokens=True)  # on the host: the sampling has finished
     t_gen = time.time() - t_gen
-    answers = [r["answer"] for r in recs for _ in range(args.group_size)]
-    rewards = torch.tensor([toy.verify(t, a) for t, a in zip(texts, answers)], device=device)
+    each = [r for r in recs for _ in range(args.group_size)]
+    rewards, parts = reward(fns, texts, [r["record"] for r in each], [r["where"] for r in each], device)
     rows = group_rows(prompt_ids, comp, args.group_size, tok.pad_token_id, share)
     C = comp.shape[1]
     ref_logps = completion_logps(ref, rows, C, args.temperature, device)[0] if ref is not None else None
     if args.mask_truncated:
         mask = mask & ended[:, None]
     n_tokens = sum(map(len, prompt_ids)) * args.group_size + mask.sum().item()
-    return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=rewards, ref_logps=ref_logps,
+    return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=rewards, parts=parts, ref_logps=ref_logps,
                 n_tokens=n_tokens, generate_s=t_gen)
 
 
@@ -160,14 +163,16 @@ def main(args):
         data.fail("--group_size must be at least 2 (the baseline is the mean of the other samples of the prompt)")
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    fns = load_rewards(args.reward_fn)
     tok = load_tokenizer(args.model, args.trust_remote_code)
-    prompts, n_long = load_prompts(args.data, tok, args)
+    prompts, n_long = load_prompts(args.data, tok, args, need_answer=not args.reward_fn)
     eval_prompts = load_prompts(args.eval_data, tok, args)[0] if args.eval_data else []
     eval_recs = [{"prompt": r["prompt"], "answer": r["answer"]} for r in eval_prompts]
     say(f"{len(prompts)} prompts; {n_long} longer than max_len={args.max_len} - max_new_tokens were dropped")
     P = args.batch_size * args.grad_accum * world  # prompts per step
     if len(prompts) < P:
         data.fail(f"{args.data}: {len(prompts)} prompts, fewer than one global batch of {P}")
+    reward(fns, [""], [prompts[0]["record"]], [prompts[0]["where"]], device)  # a function that fails, fails now
     steps_per_epoch = len(prompts) // P
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
@@ -213,8 +218,8 @@ def main(args):
         for g in [i * world + rank for i in range(args.grad_accum)]:  # this process's micro-batches of the step
             recs = [prompts[j] for j in idx[g * args.batch_size:(g + 1) * args.batch_size].tolist()]
             policy = bf16_sampler(model, sampler) if sampler is not None else model
-            batches.append(rollout(policy, ref, recs, args.seed * 10**9 + step * 10**4 + g, tok, gen_cfg, args,
-                                   share, static_len, device))
+            batches.append(rollout(policy, ref, recs, args.seed * 10**9 + step * 10**4 + g, fns, tok, gen_cfg,
+                                   args, share, static_len, device))
             timing["generate"] += batches[-1]["generate_s"]
 
         # Rollout statistics: named sums over this step's micro-batches, reduced over processes at the log line.
@@ -226,6 +231,8 @@ def main(args):
             sums.add({"reward": r_BG.sum(), "reward_sq": (r_BG ** 2).sum(), "samples": r_BG.numel(),
                       "zero_std_groups": (r_BG.amax(-1) == r_BG.amin(-1)).sum(), "groups": len(r_BG),
                       "completion_tokens": b["mask"].sum(), "distinct2": sum(distinct2(c) for c in groups)})
+            if args.reward_fn:  # each reward function apart, before weighting
+                sums.add({f"reward/{name}": v.sum() for name, v in b["parts"].items()})
             tokens += b["n_tokens"]
         if args.loss_agg == "token":  # N: the global count of completion tokens ...
             n_local = sum(b["mask"].sum() for b in batches)
@@ -276,9 +283,10 @@ def main(args):
             std = math.sqrt(max(s["reward_sq"] / s["samples"] - mean ** 2, 0.0))
             extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == total_steps else {}
             kl = {"kl": s["kl"] / n_resp} if ref is not None else {}
+            parts = {f"reward/{f.name}": s[f"reward/{f.name}"] / s["samples"] for f in fns} if args.reward_fn else {}
             metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm.item(), tokens_per_s=tps,
                         peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean, "reward/std": std},
-                        frac_zero_std=s["zero_std_groups"] / s["groups"], **kl, entropy=s["entropy"] / n_resp,
+                        frac_zero_std=s["zero_std_groups"] / s["groups"], **kl, entropy=s["entropy"] / n_resp, **parts,
                         response_length=s["completion_tokens"] / s["samples"], distinct2=s["distinct2"] / s["groups"],
                         step_s=seconds / timing["steps"], generate_s=timing["generate"] / timing["steps"], **extra)
             t_log, tokens, timing = time.time(), 0.0, {"generate": 0.0, "steps": 0}

@@ -104,3 +104,14 @@ def test_weighted_reward_fns_are_logged_apart_and_summed(sft_run, tmp_path):
     for r in two:
         assert r["reward/mean"] == pytest.approx(r["reward/correct"] + 0.5 * r["reward/short"], abs=2e-6)
     assert any(r["reward/short"] > 0 for r in two)
+
+
+@pytest.mark.parametrize("algo", ["rloo", "remax"])
+def test_reward_fns_in_the_other_group_samplers(algo, sft_run, tmp_path):
+    """rloo and remax (whose greedy baseline is scored by the same functions) log each function and sum them."""
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    run(algo, "--model", sft_run, "--data", head("rl.jsonl", tmp_path / "rl_64.jsonl", 64), "--max_steps", 2,
+        "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--output_dir", tmp_path / "out",
+        "--reward_fn", f"{tmp_path}/rewards.py:correct", "--reward_fn", f"{tmp_path}/rewards.py:short:0.5")
+    for r in (r for r in metrics(tmp_path / "out") if "loss" in r):
+        assert r["reward/mean"] == pytest.approx(r["reward/correct"] + 0.5 * r["reward/short"], abs=2e-6)

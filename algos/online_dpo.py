@@ -23,7 +23,8 @@ Deviations from the paper:
      step 0, are exact.
   3. Log-probs are of the untempered policy, whatever --temperature sampled: the DPO loss compares πθ with πref on
      any pair, wherever it came from. Sampling is seeded per micro-batch: samples do not depend on the process count.
-Data: JSONL, {"prompt": ..., "answer": ...}; reward = common.toy.verify (with --reward_model "answer" is optional).
+Data: JSONL, {"prompt": ..., "answer": ...}; reward = common.toy.verify, or the weighted sum of --reward_fn functions
+of the completion and its record (common/rewards.py), or --reward_model (with either, "answer" is optional).
 Run:  python algos/online_dpo.py
       torchrun --nproc_per_node 8 algos/online_dpo.py --model runs/qwen-sft --data prompts.jsonl --reward_model runs/rm
 """
@@ -31,7 +32,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -43,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
 from common.logps import sequence_logps  # noqa: E402
 from common.models import adamw, load_model, load_tokenizer, start_run  # noqa: E402
+from common.rewards import load_rewards, reward  # noqa: E402
 from common.sampling import bf16_sampler, generate  # noqa: E402
 from common.template import IGNORE, encode_prompt  # noqa: E402
 
@@ -57,6 +59,7 @@ class Args:
     data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
     eval_data: str = ""  # held-out {"prompt","answer"} JSONL (generation accuracy); default: embedded, without --data
     reward_model: str = ""  # sequence-classification reward model (rm.py) scoring the samples; default: the verifier
+    reward_fn: list[str] = field(default_factory=list)  # FILE.py:NAME[:WEIGHT], repeatable, instead of the verifier
     output_dir: str = "runs/online_dpo"  # model, args.json, metrics.jsonl, checkpoint/
     max_len: int = 128  # prompt + completion tokens; longer prompts are dropped (and counted)
     batch_size: int = 64  # prompts per process per micro-batch (each sampled twice: at most one pair)
@@ -112,21 +115,23 @@ def make_pairs(rewards_a_B, rewards_b_B, identical_B=None):
 
 
 def load_prompts(path, tok, args):
-    """-> [{"ids", "answer"}]; prompts leaving fewer than max_new_tokens of max_len are dropped (and counted)."""
+    """-> [{"ids", "answer", "record", "where"}]; prompts leaving fewer than max_new_tokens of max_len are dropped
+    (and counted)."""
     recs, n_long = [], 0
     for where, rec in data.read_jsonl(path):
         prompt = data.messages(data.field(rec, where, "prompt", (str, list)), where, "prompt", "user")
         ids = encode_prompt(tok, prompt)
-        answer = data.field(rec, where, "answer", str) if not args.reward_model or "answer" in rec else None
+        need = not (args.reward_model or args.reward_fn)
+        answer = data.field(rec, where, "answer", str) if need or "answer" in rec else None
         if len(ids) + args.max_new_tokens > args.max_len:
             n_long += 1
         else:
-            recs.append({"ids": ids, "answer": answer})
+            recs.append({"ids": ids, "answer": answer, "record": rec, "where": where})
     return recs, n_long
 
 
 @torch.no_grad()
-def rollout(policy, rm, recs, seed, tok, gen_cfg, static_len, device):
+def rollout(policy, rm, fns, recs, seed, tok, gen_cfg, static_len, device):
     """Two samples of each prompt and their rewards -> the pairs whose rewards differ, chosen the higher:
     [((chosen ids, labels), (rejected ids, labels))], labels on the completion tokens (up to EOS) only."""
     torch.manual_seed(seed)  # samples depend on (step, micro-batch) only, not on the process count
@@ -135,10 +140,11 @@ def rollout(policy, rm, recs, seed, tok, gen_cfg, static_len, device):
                                  static_len)
     comps = [row[:int(n)] for row, n in zip(comp.tolist(), mask.sum(-1).tolist())]
     seqs = [(p + c, [IGNORE] * len(p) + c) for p, c in zip(prompt_ids, comps)]
-    if rm is None:  # the verifier: exact match of the final number
+    parts = {}
+    if rm is None:  # the verifier (exact match of the final number), or the reward functions
         texts = tok.batch_decode(comp, skip_special_tokens=True)
-        answers = [r["answer"] for r in recs for _ in range(2)]
-        rewards = torch.tensor([toy.verify(t, a) for t, a in zip(texts, answers)], device=device)
+        each = [r for r in recs for _ in range(2)]
+        rewards, parts = reward(fns, texts, [r["record"] for r in each], [r["where"] for r in each], device)
     else:  # the reward model reads the end-of-turn token; a truncated sample gets one, as rm.py trained on
         ids = [s + [tok.eos_token_id] * (not e) for (s, _), e in zip(seqs, ended.tolist())]
         width = max(map(len, ids))
@@ -150,7 +156,8 @@ def rollout(policy, rm, recs, seed, tok, gen_cfg, static_len, device):
     pairs = [(seqs[2 * i], seqs[2 * i + 1]) if a else (seqs[2 * i + 1], seqs[2 * i])
              for i, a in zip(kept.tolist(), a_chosen.tolist())]
     n_tokens = sum(map(len, prompt_ids)) + mask.sum().item()
-    return dict(pairs=pairs, tie=[(seqs[0], seqs[1])], rewards=rewards, comp_tokens=mask.sum(), n_tokens=n_tokens)
+    return dict(pairs=pairs, tie=[(seqs[0], seqs[1])], rewards=rewards, parts=parts, comp_tokens=mask.sum(),
+                n_tokens=n_tokens)
 
 
 def main(args):
@@ -165,6 +172,9 @@ def main(args):
     say = tqdm.write if rank == 0 else (lambda *_: None)
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    if args.reward_fn and args.reward_model:
+        data.fail("--reward_fn and --reward_model both score the samples: give one")
+    fns = load_rewards(args.reward_fn)
     tok = load_tokenizer(args.model, args.trust_remote_code)
     rm_tok = load_tokenizer(args.reward_model, args.trust_remote_code) if args.reward_model else tok
     if rm_tok.get_vocab() != tok.get_vocab():
@@ -178,6 +188,8 @@ def main(args):
     if not prompts:
         data.fail(f"{args.data}: no prompt leaves max_new_tokens={args.max_new_tokens} of max_len={args.max_len}")
     say(f"{len(prompts)} prompts; {n_long} longer than max_len={args.max_len} - max_new_tokens were dropped")
+    if not args.reward_model:
+        reward(fns, [""], [prompts[0]["record"]], [prompts[0]["where"]], device)  # a function that fails, fails now
     G = args.batch_size * args.grad_accum * world  # prompts per optimizer step (each gives at most one pair)
     if len(prompts) < G:
         data.fail(f"{args.data}: {len(prompts)} prompts, fewer than one global batch of {G}")
@@ -239,10 +251,11 @@ def main(args):
         batches = []
         for first, m in zip(firsts, micro):
             policy = bf16_sampler(model, sampler) if sampler is not None else model
-            b = rollout(policy, rm, [prompts[j] for j in m.tolist()], args.seed * 10**9 + step * 10**4 + first, tok,
-                        gen_cfg, static_len, device)
+            b = rollout(policy, rm, fns, [prompts[j] for j in m.tolist()], args.seed * 10**9 + step * 10**4 + first,
+                        tok, gen_cfg, static_len, device)
             stats.add({"reward": b["rewards"].sum(), "samples": len(b["rewards"]), "kept": len(b["pairs"]),
-                       "completion_tokens": b["comp_tokens"]})
+                       "completion_tokens": b["comp_tokens"],
+                       **{f"reward/{name}": v.sum() for name, v in b["parts"].items()}})
             tokens += b["n_tokens"]
             batches.append(b)
         n_pairs = int(dist.all_sum(sum(len(b["pairs"]) for b in batches)).item())  # M of the equation
@@ -297,6 +310,8 @@ def main(args):
             extra = evaluate() if eval_now else {}
             rollout_means = {"reward/mean": r["reward"] / r["samples"], "frac_kept": r["kept"] / (r["samples"] / 2),
                              "response_length": r["completion_tokens"] / r["samples"]}  # over every sample
+            if args.reward_fn:  # each reward function apart, before weighting
+                rollout_means.update({f"reward/{f.name}": r[f"reward/{f.name}"] / r["samples"] for f in fns})
             metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm.item(), tokens_per_s=tps,
                         peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **per_pair, **rollout_means, **extra)
             t_log, tokens = time.time(), 0.0

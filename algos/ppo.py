@@ -27,7 +27,9 @@ adaptive KL controller: Ziegler et al., arXiv:1909.08593. Deviations from the pa
   6. Each process splits its own rollout into minibatches, as TRL and OpenRLHF do, so a run's samples and
      updates depend on the process count (grpo, rloo and remax seed each micro-batch and do not).
 Data: JSONL, {"prompt": ..., "answer": ...}; with the RM, the optional answer only feeds the gold (verifier)
-score logged beside the RM score, so that reward over-optimisation shows; with the verifier it is the reward.
+score logged beside the RM score, so that reward over-optimisation shows; with the verifier it is the reward, or
+with --reward verifier --reward_fn the weighted sum of your functions of the completion and its record is
+(common/rewards.py; "answer" then optional, and gold where given).
 Run:  python algos/ppo.py
       torchrun --nproc_per_node 8 algos/ppo.py --model sft_out --reward_model rm_out --data prompts.jsonl
       python algos/ppo.py --reward verifier   # the same reward as grpo.py, for a comparison on equal terms
@@ -36,7 +38,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -48,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
 from common.logps import logps_entropy  # noqa: E402
 from common.models import load_model, load_tokenizer, start_run  # noqa: E402
+from common.rewards import load_rewards, reward  # noqa: E402
 from common.sampling import bf16_sampler, distinct2, rm_scores  # noqa: E402
 from common.template import IGNORE, encode_prompt, encode_response  # noqa: E402
 
@@ -55,6 +58,7 @@ from common.template import IGNORE, encode_prompt, encode_response  # noqa: E402
 @dataclass
 class Args:
     reward: Literal["model", "verifier"] = "model"  # model: the RM's score (RLHF) | verifier: match of the final number
+    reward_fn: list[str] = field(default_factory=list)  # with --reward verifier: FILE.py:NAME[:WEIGHT], repeatable
     reward_model: str = "runs/rm"  # reward model from rm.py, also the critic's initialisation (--reward model)
     group_size: int = 1  # completions sampled per prompt
     num_minibatches: int = 4  # optimizer steps per PPO epoch: the rollout is split into this many
@@ -167,14 +171,15 @@ def adaptive_kl(beta, kl, kl_target, n_samples, horizon):
 
 
 def load_prompts(path, tok, args, need_str=False, need_answer=False):
-    """-> [(prompt ids, answer or None, prompt text)], prompts rendered by the chat template's generation prompt."""
+    """-> [(prompt ids, answer or None, prompt text, {"record", "where"})], prompts rendered by the chat template's
+    generation prompt."""
     out, n_long = [], 0
     for where, rec in data.read_jsonl(path):
         raw = data.field(rec, where, "prompt", str if need_str else (str, list))
         answer = data.field(rec, where, "answer", str) if "answer" in rec or need_str or need_answer else None
         ids = encode_prompt(tok, data.messages(raw, where, "prompt", "user"))
         fits = len(ids) + args.max_new_tokens <= args.max_len
-        out += [(ids, answer, raw)] * fits
+        out += [(ids, answer, raw, {"record": rec, "where": where})] * fits
         n_long += not fits
     return out, n_long
 
@@ -269,7 +274,7 @@ def evaluate(actor, sampler, rm, tok, eval_prompts, greedy, static_len, device):
     Without an eval set: {}, and the metrics line has no eval keys."""
     if not eval_prompts:
         return {}
-    acc = toy.evaluate(actor, tok, [{"prompt": raw, "answer": a} for _, a, raw in eval_prompts])
+    acc = toy.evaluate(actor, tok, [{"prompt": raw, "answer": a} for _, a, raw, _ in eval_prompts])
     if rm is None:
         return {"eval/accuracy": acc}
     rank, world = dist.rank_world()
@@ -277,7 +282,7 @@ def evaluate(actor, sampler, rm, tok, eval_prompts, greedy, static_len, device):
     mine, sums = eval_prompts[rank * per:(rank + 1) * per], dist.Sums(device)
     for i in range(0, per, 256):  # the same number of generate calls on every process
         chunk = mine[i:i + 256]
-        prompt_ids = [p for p, _, _ in chunk or eval_prompts[:1]]
+        prompt_ids = [p for p, *_ in chunk or eval_prompts[:1]]
         ids, attn, P, mask, has_eos = rollout(actor, sampler, prompt_ids, greedy, tok, static_len, device)
         scores = rm_score(rm, prompt_ids, ids[:, P:], mask, has_eos, tok)[:len(chunk)]
         sums.add({"rm_score": scores.sum(), "samples": len(scores)})
@@ -301,16 +306,21 @@ def main(args):
         data.fail("batch_size*group_size must be a multiple of num_minibatches*grad_accum")
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    if args.reward_fn and use_rm:
+        data.fail("--reward_fn is the reward of --reward verifier; with --reward model the reward model scores")
+    fns = load_rewards(args.reward_fn)
     tok = load_tokenizer(args.model, args.trust_remote_code)
     if use_rm:
         check_reward_tokenizer(tok, args)
-    prompts, n_long = load_prompts(args.data, tok, args, need_answer=not use_rm)
+    prompts, n_long = load_prompts(args.data, tok, args, need_answer=not (use_rm or args.reward_fn))
     eval_prompts = load_prompts(args.eval_data, tok, args, need_str=True)[0] if args.eval_data else []
     say(f"{len(prompts)} prompts; {n_long} longer than max_len - max_new_tokens were dropped")
     G = args.batch_size * world  # prompts per rollout
     if len(prompts) < G:
         data.fail(f"{args.data}: {len(prompts)} prompts fit max_len={args.max_len}, "
                   f"fewer than one global batch of {G}")
+    if args.reward_fn:
+        reward(fns, [""], [prompts[0][3]["record"]], [prompts[0][3]["where"]], device)  # a failing function fails now
     steps_per_epoch = len(prompts) // G
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
@@ -345,7 +355,7 @@ def main(args):
         order = torch.randperm(len(prompts), generator=epoch_rng, device="cpu")
         idx = order[k * G + rank * args.batch_size:k * G + (rank + 1) * args.batch_size]
         batch = [prompts[j] for j in idx.tolist() for _ in range(args.group_size)]
-        prompt_ids, answers = [p for p, _, _ in batch], [a for _, a, _ in batch]
+        prompt_ids, answers = [p for p, *_ in batch], [a for _, a, *_ in batch]
         t_gen = time.time()
         ids, attn, P, mask, has_eos = rollout(actor, sampler, prompt_ids, sampling, tok, static_len, device)
         timing["generate"] += time.time() - t_gen  # generate reads its last token on the host: sampling has finished
@@ -356,8 +366,13 @@ def main(args):
             old_values = forward(critic, ids, attn, T)[..., 0].float()
             texts = tok.batch_decode(ids[:, P:], skip_special_tokens=True)
             gold = [toy.verify(t, a) for t, a in zip(texts, answers) if a is not None]  # with the verifier: r(x, y)
-            scores = rm_score(rm, prompt_ids, ids[:, P:], mask, has_eos, tok) if use_rm else \
-                torch.tensor(gold, device=device)
+            if use_rm:
+                scores, parts = rm_score(rm, prompt_ids, ids[:, P:], mask, has_eos, tok), {}
+            elif args.reward_fn:  # Σ_k w_k·f_k(completion, record)
+                scores, parts = reward(fns, texts, [src["record"] for *_, src in batch],
+                                       [src["where"] for *_, src in batch], device)
+            else:
+                scores, parts = torch.tensor(gold, device=device), {}
             comps = [row[:int(n)] for row, n in zip(ids[:, P:].tolist(), mask.sum(-1).tolist())]
             groups = [comps[j:j + args.group_size] for j in range(0, len(comps), args.group_size)]
             k3_BT = kl_estimate(old_logps, ref_logps, "k3")
@@ -365,7 +380,8 @@ def main(args):
             stats.add({"reward": scores.sum(), "reward_sq": (scores ** 2).sum(), "samples": len(scores),
                        "gold": sum(gold), "gold_samples": len(gold), "completion_tokens": mask.sum(),
                        "truncated": (~has_eos).sum(), "kl": (k3_BT * mask).sum(),
-                       "distinct2": sum(distinct2(c) for c in groups), "groups": len(groups)})
+                       "distinct2": sum(distinct2(c) for c in groups), "groups": len(groups),
+                       **{f"reward/{name}": v.sum() for name, v in parts.items()}})
 
             # Advantages: r_t = -β KL_t + [t=T] r(x,y), GAE over the old values, whitened over the global batch.
             if args.mask_truncated:
@@ -441,6 +457,8 @@ def main(args):
             if (args.eval_every and done % args.eval_every == 0) or done == total_steps:
                 extra = evaluate(actor, sampler, rm, tok, eval_prompts, greedy, static_len, device)
             extra.update({"reward/gold": s["gold"] / s["gold_samples"]} if s["gold_samples"] else {})
+            if args.reward_fn:  # each reward function apart, before weighting
+                extra.update({f"reward/{f.name}": s[f"reward/{f.name}"] / s["samples"] for f in fns})
             metrics.log(done, **{name: upd[name] / max(n_updates, 1) for name in names}, lr=sched.get_last_lr()[0],
                         beta=beta, kl=s["kl"] / s["completion_tokens"], kl_seq=kl_seq,
                         response_length=s["completion_tokens"] / s["samples"],

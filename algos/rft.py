@@ -22,8 +22,9 @@ arXiv:2308.01825 (RFT); Llama 2, arXiv:2307.09288 (§3.2.3, rejection sampling).
   4. Sampling is seeded per chunk of prompts and every process gathers all samples (all_sum), so the kept set and
      the training batches, hence the losses, do not depend on the process count. The last batch of a round is
      filled from a further shuffled pass over the kept set, so every step has a full global batch.
-Data: JSONL, {"prompt": ..., "answer": ...} (prompt: a string or a message list); reward = common.toy.verify, or
-the score of --reward_model (a sequence-classification model, rm.py; "answer" is then optional).
+Data: JSONL, {"prompt": ..., "answer": ...} (prompt: a string or a message list); reward = common.toy.verify, the
+weighted sum of --reward_fn functions of the completion and its record (common/rewards.py), or the score of
+--reward_model (a sequence-classification model, rm.py); with either of the last two "answer" is optional.
 Run:  python algos/rft.py
       torchrun --nproc_per_node 8 algos/rft.py --model runs/sft --data prompts.jsonl --max_new_tokens 256
 """
@@ -31,7 +32,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -42,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, toy  # noqa: E402
 from common.logps import label_logps  # noqa: E402
 from common.models import adamw, load_model, load_tokenizer, start_run  # noqa: E402
+from common.rewards import load_rewards, reward  # noqa: E402
 from common.packing import pad  # noqa: E402
 from common.sampling import bf16_sampler, generate, rm_scores  # noqa: E402
 from common.template import IGNORE, encode_prompt  # noqa: E402
@@ -58,6 +60,7 @@ class Args:
     steps_per_round: int = 0  # optimizer steps per round instead of epochs_per_round passes (0: passes)
     model: str = "runs/sft"  # path or hub name of the policy to start from; default: the SFT output
     reward_model: str = ""  # sequence-classification reward model (rm.py); default: the verifier on "answer"
+    reward_fn: list[str] = field(default_factory=list)  # FILE.py:NAME[:WEIGHT], repeatable, instead of the verifier
     data: str = ""  # JSONL of {"prompt", "answer"}; default: the embedded RL prompts
     eval_data: str = ""  # held-out {"prompt", "answer"} JSONL; default: the embedded eval set when --data is not given
     output_dir: str = "runs/rft"  # model, args.json, metrics.jsonl, checkpoint/
@@ -111,24 +114,24 @@ def load_prompts(path, tok, args, need_answer=True):
         if len(ids) + args.max_new_tokens > args.max_len:
             n_long += 1
         else:
-            recs.append({"ids": ids, "prompt": rec["prompt"], "answer": answer})
+            recs.append({"ids": ids, "prompt": rec["prompt"], "answer": answer, "record": rec, "where": where})
     return recs, n_long
 
 
 @torch.no_grad()
-def rollout(policy, rm, recs, seed, tok, gen_cfg, n, static_len, device):
-    """n samples of each prompt, scored by the reward model r_ψ(x, y) or the verifier -> (completions comp_NC,
-    mask_NC, ended_N, rewards_N), a prompt's samples consecutive."""
+def rollout(policy, rm, fns, recs, seed, tok, gen_cfg, n, static_len, device):
+    """n samples of each prompt, scored by the reward model r_ψ(x, y), or the verifier or reward functions ->
+    (completions comp_NC, mask_NC, ended_N, rewards_N, {function name: its rewards}), a prompt's samples
+    consecutive."""
     torch.manual_seed(seed)  # samples depend on (round, chunk) only, not on the process count
     prompt_ids = [r["ids"] for r in recs]
     comp, mask, ended = generate(policy, prompt_ids, n, tok, gen_cfg, device, dist.rank_world()[1] > 1, static_len)
     if rm is not None:
-        rewards = rm_scores(rm, prompt_ids, comp, mask, n, tok.pad_token_id, device)
-    else:
-        texts = tok.batch_decode(comp, skip_special_tokens=True)
-        answers = [r["answer"] for r in recs for _ in range(n)]
-        rewards = torch.tensor([toy.verify(t, a) for t, a in zip(texts, answers)], device=device)
-    return comp, mask, ended, rewards
+        return comp, mask, ended, rm_scores(rm, prompt_ids, comp, mask, n, tok.pad_token_id, device), {}
+    texts = tok.batch_decode(comp, skip_special_tokens=True)
+    each = [r for r in recs for _ in range(n)]
+    rewards, parts = reward(fns, texts, [r["record"] for r in each], [r["where"] for r in each], device)
+    return comp, mask, ended, rewards, parts
 
 
 def main(args):
@@ -149,14 +152,19 @@ def main(args):
         data.fail(f"--prompts_per_round must be a multiple of gen_batch_size x processes = {per_call}")
 
     # Data: validated and tokenized before anything is written, so bad input leaves no output behind.
+    if args.reward_fn and args.reward_model:
+        data.fail("--reward_fn and --reward_model both score the samples: give one")
+    fns = load_rewards(args.reward_fn)
     tok = load_tokenizer(args.model, args.trust_remote_code)
-    prompts, n_long = load_prompts(args.data, tok, args, need_answer=not args.reward_model)
+    prompts, n_long = load_prompts(args.data, tok, args, need_answer=not (args.reward_model or args.reward_fn))
     eval_prompts = load_prompts(args.eval_data, tok, args)[0] if args.eval_data else []
     eval_recs = [{"prompt": r["prompt"], "answer": r["answer"]} for r in eval_prompts]
     say(f"{len(prompts)} prompts; {n_long} longer than max_len={args.max_len} - max_new_tokens were dropped")
     P, n = args.prompts_per_round, args.num_samples
     if len(prompts) < P:
         data.fail(f"{args.data}: {len(prompts)} prompts, fewer than one round of {P}")
+    if not args.reward_model:
+        reward(fns, [""], [prompts[0]["record"]], [prompts[0]["where"]], device)  # a function that fails, fails now
     rounds_per_epoch = len(prompts) // P
 
     # Models: the policy (dropout as its config has it: its update is sft.py's), and the frozen reward model when one
@@ -207,13 +215,14 @@ def main(args):
         reward_table, ended_table = torch.zeros(P * n, device=device), torch.zeros(P * n, device=device)
         for g in range(rank, n_chunks, world):
             recs = [prompts[j] for j in idx[g * args.gen_batch_size:(g + 1) * args.gen_batch_size]]
-            comp, mask, ended, rewards = rollout(policy, rm, recs, args.seed * 10**9 + rnd * 10**4 + g, tok, gen_cfg,
-                                                 n, static_len, device)
+            comp, mask, ended, rewards, parts = rollout(policy, rm, fns, recs, args.seed * 10**9 + rnd * 10**4 + g,
+                                                        tok, gen_cfg, n, static_len, device)
             rows = slice(g * args.gen_batch_size * n, (g + 1) * args.gen_batch_size * n)
             comp_table[rows, :comp.shape[1]] = (comp + 1) * mask
             reward_table[rows], ended_table[rows] = rewards, ended.float()
             sums.add({"reward": rewards.sum(), "reward_sq": (rewards ** 2).sum(), "samples": len(rewards),
-                      "completion_tokens": mask.sum(), "truncated": (~ended).sum()})
+                      "completion_tokens": mask.sum(), "truncated": (~ended).sum(),
+                      **{f"reward/{name}": v.sum() for name, v in parts.items()}})
             tokens += sum(len(r["ids"]) for r in recs) * n + mask.sum().item()
         comp_table = dist.all_sum(comp_table).long()
         rewards = dist.all_sum(reward_table).tolist()
@@ -275,11 +284,12 @@ def main(args):
         tps = dist.all_sum(tokens).item() / (time.time() - t_log)
         extra = evaluate() if (args.eval_every and done % args.eval_every == 0) or done == args.rounds else {}
         trained = {"loss": sum(losses) / n_steps, "grad_norm": gnorm.item()} if n_steps else {}
+        parts = {f"reward/{f.name}": s[f"reward/{f.name}"] / s["samples"] for f in fns} if args.reward_fn else {}
         if not docs:
             say(f"round {done}: no prompt's best sample reached min_reward={args.min_reward}; nothing trained")
         metrics.log(done, **trained, steps=n_steps, lr=sched.get_last_lr()[0], tokens_per_s=tps,
                     peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **{"reward/mean": mean, "reward/std": std},
-                    kept=len(docs), kept_frac=n_kept_prompts / len(set(map(tuple, sample_prompts))),
+                    **parts, kept=len(docs), kept_frac=n_kept_prompts / len(set(map(tuple, sample_prompts))),
                     response_length=s["completion_tokens"] / s["samples"], truncated_frac=s["truncated"] / s["samples"],
                     **extra)
         t_log, tokens = time.time(), 0.0

@@ -106,12 +106,29 @@ def test_weighted_reward_fns_are_logged_apart_and_summed(sft_run, tmp_path):
     assert any(r["reward/short"] > 0 for r in two)
 
 
-@pytest.mark.parametrize("algo", ["rloo", "remax"])
-def test_reward_fns_in_the_other_group_samplers(algo, sft_run, tmp_path):
-    """rloo and remax (whose greedy baseline is scored by the same functions) log each function and sum them."""
+BUDGET = {"rft": ["--rounds", 1, "--prompts_per_round", 64, "--steps_per_round", 2],
+          "ppo": ["--reward", "verifier", "--max_steps", 2, "--log_every", 1, "--batch_size", 4]}
+
+
+@pytest.mark.parametrize("algo", ["rloo", "remax", "online_dpo", "rft", "ppo"])
+def test_reward_fns_in_every_sampling_script(algo, sft_run, tmp_path):
+    """Every other sampling script (remax's greedy baseline scored by the same functions; ppo with --reward
+    verifier) logs each function and sums them with their weights."""
     (tmp_path / "rewards.py").write_text(REWARDS)
-    run(algo, "--model", sft_run, "--data", head("rl.jsonl", tmp_path / "rl_64.jsonl", 64), "--max_steps", 2,
-        "--log_every", 1, "--eval_every", 0, "--save_every", 0, "--output_dir", tmp_path / "out",
+    budget = BUDGET.get(algo, ["--max_steps", 2, "--log_every", 1])
+    run(algo, "--model", sft_run, "--data", head("rl.jsonl", tmp_path / "rl_64.jsonl", 64), *budget,
+        "--eval_every", 0, "--save_every", 0, "--output_dir", tmp_path / "out",
         "--reward_fn", f"{tmp_path}/rewards.py:correct", "--reward_fn", f"{tmp_path}/rewards.py:short:0.5")
-    for r in (r for r in metrics(tmp_path / "out") if "loss" in r):
+    rows = [r for r in metrics(tmp_path / "out") if "reward/mean" in r]
+    assert rows
+    for r in rows:
         assert r["reward/mean"] == pytest.approx(r["reward/correct"] + 0.5 * r["reward/short"], abs=2e-6)
+
+
+@pytest.mark.parametrize("algo", ["online_dpo", "rft", "ppo"])
+def test_reward_fn_and_reward_model_together_is_one_line(algo, base, tmp_path):
+    extra = ["--reward", "model"] if algo == "ppo" else []
+    p = run(algo, "--model", base, "--reward_model", base, *extra, "--reward_fn", "common/rewards.py:boxed",
+            "--output_dir", tmp_path / "out", check=False)
+    assert p.returncode == 1 and "--reward_fn" in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()

@@ -232,12 +232,18 @@ def rollout(policy, ref, recs, seed, pool, fns, tok, gen_cfg, args, share, stati
     draw = torch.Generator().manual_seed(seed)  # dynamic sampling's extra prompts: by the same seed
     t_gen, G = time.time(), args.group_size
     rounds = [sample_groups(policy, recs, fns, tok, gen_cfg, args, static_len, device)]
-    n_spread = spread(rounds[0]["rewards"].view(-1, G)).sum().item()
-    while args.dynamic_sampling and n_spread < len(recs) and len(rounds) <= args.dynamic_sampling:
+    n_spread, needed = spread(rounds[0]["rewards"].view(-1, G)).sum().item(), 1  # rounds this micro-batch needed
+    while args.dynamic_sampling and len(rounds) <= args.dynamic_sampling:
+        # processes sample together (a generate call gathers FSDP weights), so a round runs while any one needs it;
+        # a process already full discards it, so its batch is what it would be alone
+        if not dist.all_sum(float(n_spread < len(recs))).item():
+            break
         more = [pool[j] for j in torch.randperm(len(pool), generator=draw)[:len(recs)].tolist()]
         rounds.append(sample_groups(policy, more, fns, tok, gen_cfg, args, static_len, device))
-        n_spread += spread(rounds[-1]["rewards"].view(-1, G)).sum().item()
-    batch = rounds[0] if len(rounds) == 1 else keep_groups(rounds, len(recs), G, tok.pad_token_id)
+        if n_spread < len(recs):
+            n_spread, needed = n_spread + spread(rounds[-1]["rewards"].view(-1, G)).sum().item(), needed + 1
+    used = rounds[:needed]
+    batch = used[0] if needed == 1 else keep_groups(used, len(recs), G, tok.pad_token_id)
     t_gen = time.time() - t_gen
     prompt_ids, comp, mask = [r["ids"] for r in batch["recs"]], batch["comp"], batch["mask"]
     rows = group_rows(prompt_ids, comp, G, tok.pad_token_id, share)
@@ -254,7 +260,7 @@ def rollout(policy, ref, recs, seed, pool, fns, tok, gen_cfg, args, share, stati
     return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=batch["rewards"], parts=batch["parts"],
                 score=score,
                 sampler_logps=batch["sampler_logps"], ref_logps=ref_logps, n_tokens=n_tokens, generate_s=t_gen,
-                extra_groups=sum(len(d["recs"]) for d in rounds[1:]), flat_first=flat_first)
+                extra_groups=sum(len(d["recs"]) for d in used[1:]), flat_first=flat_first)
 
 
 def main(args):

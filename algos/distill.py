@@ -282,7 +282,7 @@ def main(args):
         micro = {g: idx[g * args.batch_size:(g + 1) * args.batch_size] for g in mine}
         # all samples of the step come from the same student
         # gkd: on-policy with probability λ, a coin by (seed, step): every process and micro-batch samples, or none
-        coin = torch.rand((), generator=torch.Generator().manual_seed(args.seed * 10**9 + step)).item()
+        coin = torch.rand((), generator=torch.Generator().manual_seed(args.seed * 10**9 + step), device="cpu").item()
         on_policy = args.mode == "gkd" and coin < args.lmbda
         batches = [batch_of(m, args.seed * 10**9 + step * 10**4 + g, on_policy) for g, m in micro.items()]
         n_labels = sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)

@@ -136,7 +136,7 @@ def main(args):
     G = args.batch_size * args.grad_accum * world  # pairs per optimizer step
     if len(pairs) < G:
         data.fail(f"{args.data}: {len(pairs)} pairs, fewer than one global batch of {G}")
-    n_chosen = torch.tensor([sum(l != IGNORE for l in labels[1:]) for (_, labels), _ in pairs])  # |yw| per pair
+    n_chosen = torch.tensor([sum(l != IGNORE for l in labels[1:]) for (_, labels), _ in pairs], device="cpu")  # |yw|
     steps_per_epoch = len(pairs) // G
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     n_epochs = -(-total_steps // steps_per_epoch)

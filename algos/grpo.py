@@ -238,7 +238,7 @@ def rollout(policy, ref, recs, seed, pool, fns, tok, gen_cfg, args, share, stati
         # a process already full discards it, so its batch is what it would be alone
         if not dist.all_sum(float(n_spread < len(recs))).item():
             break
-        more = [pool[j] for j in torch.randperm(len(pool), generator=draw)[:len(recs)].tolist()]
+        more = [pool[j] for j in torch.randperm(len(pool), generator=draw, device="cpu")[:len(recs)].tolist()]
         rounds.append(sample_groups(policy, more, fns, tok, gen_cfg, args, static_len, device))
         if n_spread < len(recs):
             n_spread, needed = n_spread + spread(rounds[-1]["rewards"].view(-1, G)).sum().item(), needed + 1

@@ -258,9 +258,8 @@ def rollout(policy, ref, recs, seed, pool, fns, tok, gen_cfg, args, share, stati
     n_tokens = sum(len(r["ids"]) for d in rounds for r in d["recs"]) * G + sum(d["mask"].sum().item() for d in rounds)
     flat_first = len(recs) - spread(rounds[0]["rewards"].view(-1, G)).sum().item()
     return dict(rows=rows, comp=comp, C=C, mask=mask.float(), rewards=batch["rewards"], parts=batch["parts"],
-                score=score,
-                sampler_logps=batch["sampler_logps"], ref_logps=ref_logps, n_tokens=n_tokens, generate_s=t_gen,
-                extra_groups=sum(len(d["recs"]) for d in used[1:]), flat_first=flat_first)
+                score=score, sampler_logps=batch["sampler_logps"], ref_logps=ref_logps, n_tokens=n_tokens,
+                generate_s=t_gen, extra_groups=sum(len(d["recs"]) for d in used[1:]), flat_first=flat_first)
 
 
 def main(args):

@@ -126,11 +126,13 @@ def test_dynamic_sampling_keeps_groups_with_a_reward_spread():
         n = len(names) * G
         return {"recs": [{"name": x} for x in names], "comp": torch.arange(n * C).view(n, C) + 100,
                 "mask": torch.ones(n, C, dtype=torch.bool), "ended": torch.ones(n, dtype=torch.bool),
-                "sampler_logps": -torch.ones(n, C), "rewards": torch.tensor(rewards)}
+                "sampler_logps": -torch.ones(n, C), "rewards": torch.tensor(rewards),
+                "parts": {"correct": torch.tensor(rewards)}}
     rounds = [part("abc", [1.0, 0.0, 0.0, 0.0, 1.0, 1.0], 2), part("de", [0.0, 0.0, 0.0, 1.0], 3)]
     out = keep_groups(rounds, 3, G, pad_id=-7)
     assert [r["name"] for r in out["recs"]] == ["a", "e", "b"]
     assert out["rewards"].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert torch.equal(out["parts"]["correct"], out["rewards"])  # each reward function's values follow their groups
     assert out["comp"].shape == (6, 3) and out["comp"][0].tolist() == [100, 101, -7]
     assert out["comp"][2].tolist() == rounds[1]["comp"][2].tolist()
     assert out["mask"][0].tolist() == [True, True, False] and out["sampler_logps"][0].tolist() == [-1.0, -1.0, 0.0]

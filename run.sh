@@ -129,6 +129,7 @@ case "${1:-}" in
     $PY tests/bench.py "$@"
     $PY tests/bench_dpo.py
     $PY tests/bench_grpo.py
+    $PY tests/bench_lora.py
     # our losses against TRL's own loss code on the same tensors, where TRL has the same option
     if [ -x .venv-trl/bin/python ]; then .venv-trl/bin/python tests/trl_match.py || echo "trl_match: see above"; fi ;;
   study)

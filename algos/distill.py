@@ -48,7 +48,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import data, dist, toy  # noqa: E402
+from common import data, dist, lora, toy  # noqa: E402
 from common.models import adamw, load_model, load_tokenizer, start_run  # noqa: E402
 from common.packing import fit, pad  # noqa: E402
 from common.template import IGNORE, encode_chat, encode_prompt  # noqa: E402
@@ -83,6 +83,11 @@ class Args:
     save_every: int = 100  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    # LoRA (peft, arXiv:2106.09685): low-rank adapters train, the model's own weights stay frozen
+    lora_r: int = 0  # rank of the adapters; 0: full fine-tuning, every parameter trains
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_r
+    lora_targets: str = "all-linear"  # comma-separated module names; all-linear: every linear layer but the head
+    merge_lora: bool = False  # also save the merged model (base + adapters folded in) in output_dir/merged
     # Speed and memory: none of these changes the loss
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
 
@@ -238,7 +243,7 @@ def main(args):
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
     # Models: the student trains, the teacher is frozen (eval mode, no gradients); dropout as their configs set it
-    model = load_model(args.model, tok, device, args.trust_remote_code, dropout=True)
+    model = lora.wrap(load_model(args.model, tok, device, args.trust_remote_code, dropout=True), args)
     teacher = load_model(args.teacher, tok, device, args.trust_remote_code, dropout=True)
     V = len(tok)  # logits compared over the tokenizer's entries (deviation 2)
     teacher.requires_grad_(False)
@@ -335,7 +340,7 @@ def main(args):
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
 
     # Save
-    dist.save_model(model, tok, args.output_dir, rank)
+    dist.save_model(model, tok, args.output_dir, rank, merge_lora=args.merge_lora)
     say(f"saved {args.output_dir}")
     dist.close()
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, GenerationConfig, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import data, dist, toy  # noqa: E402
+from common import data, dist, lora, toy  # noqa: E402
 from common.logps import sequence_logps  # noqa: E402
 from common.models import adamw, load_model, load_tokenizer, start_run  # noqa: E402
 from common.rewards import load_rewards, reward  # noqa: E402
@@ -80,6 +80,11 @@ class Args:
     save_every: int = 50  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    # LoRA (peft, arXiv:2106.09685): low-rank adapters train, the model's own weights stay frozen
+    lora_r: int = 0  # rank of the adapters; 0: full fine-tuning, every parameter trains
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_r
+    lora_targets: str = "all-linear"  # comma-separated module names; all-linear: every linear layer but the head
+    merge_lora: bool = False  # also save the merged model (base + adapters folded in) in output_dir/merged
     # Speed and memory: none of these changes the loss
     static_cache: Literal["auto", "true", "false"] = "auto"  # fixed-size KV cache, compiled decode; auto: 1 CUDA proc
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
@@ -209,8 +214,10 @@ def main(args):
 
     # Models: the reference and the reward model, frozen and held for the whole run (the pairs are sampled as it
     # goes); the policy samples the pairs and learns from them. Dropout is off in all three (deviation 2).
-    ref = load_model(args.ref_model, tok, device, args.trust_remote_code)
-    ref = dist.shard(ref, world, device).eval().requires_grad_(False)
+    ref = None
+    if not (args.lora_r and args.ref_model == args.model):  # with LoRA: the policy with its adapters off (below)
+        ref = load_model(args.ref_model, tok, device, args.trust_remote_code)
+        ref = dist.shard(ref, world, device).eval().requires_grad_(False)
     rm = None
     if args.reward_model:
         rm = load_model(args.reward_model, tok, device, args.trust_remote_code, cls=AutoModelForSequenceClassification)
@@ -218,7 +225,10 @@ def main(args):
     if rm is not None and (rm.config.pad_token_id != tok.pad_token_id or tok.pad_token_id == tok.eos_token_id):
         data.fail(f"reward model {args.reward_model!r} needs the tokenizer's pad token {tok.pad_token!r}, "
                   "and one other than EOS (it reads the last non-pad token)")
-    model = dist.shard(load_model(args.model, tok, device, args.trust_remote_code), world, device).eval()
+    model = lora.wrap(load_model(args.model, tok, device, args.trust_remote_code), args)
+    model = dist.shard(model, world, device).eval()
+    if ref is None:
+        ref = lora.adapters_off(model)  # the starting model: the policy with its adapters disabled, no second copy
     if args.gradient_checkpointing:
         dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
     sampler = bf16_sampler(model) if static and world == 1 else None  # the fixed-size cache's decode runs in bf16
@@ -319,7 +329,7 @@ def main(args):
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
 
     # Save
-    dist.save_model(model, tok, args.output_dir, rank)
+    dist.save_model(model, tok, args.output_dir, rank, merge_lora=args.merge_lora)
     say(f"saved {args.output_dir}")
     dist.close()
 

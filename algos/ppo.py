@@ -47,7 +47,7 @@ from transformers import (AutoModelForSequenceClassification, AutoModelForTokenC
                           StaticCache, get_constant_schedule_with_warmup)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import data, dist, toy  # noqa: E402
+from common import data, dist, lora, toy  # noqa: E402
 from common.logps import logps_entropy  # noqa: E402
 from common.models import load_model, load_tokenizer, start_run  # noqa: E402
 from common.rewards import load_rewards, reward  # noqa: E402
@@ -103,6 +103,11 @@ class Args:
     save_every: int = 50  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    # LoRA (peft, arXiv:2106.09685): low-rank adapters train, the model's own weights stay frozen
+    lora_r: int = 0  # rank of the adapters; 0: full fine-tuning, every parameter trains
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_r
+    lora_targets: str = "all-linear"  # comma-separated module names; all-linear: every linear layer but the head
+    merge_lora: bool = False  # also save the merged model (base + adapters folded in) in output_dir/merged
     # Speed and memory: none of these changes the loss
     static_cache: Literal["auto", "true", "false"] = "auto"  # fixed-size KV cache, compiled decode; auto: 1 CUDA proc
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
@@ -205,9 +210,13 @@ def load_models(args, tok, use_rm, world, device):
     model's backbone with the same bias-free score head applied at every position; with the verifier, the SFT
     model's backbone with a new head, zeroed so that V starts at 0 (the verifier's failure). Loaded in this order:
     the new head's initialisation draws from the RNG."""
-    actor = dist.shard(load_model(args.model, tok, device, args.trust_remote_code), world, device).eval()
-    ref = load_model(args.ref_model, tok, device, args.trust_remote_code)
-    ref = dist.shard(ref, world, device).eval().requires_grad_(False)
+    actor = lora.wrap(load_model(args.model, tok, device, args.trust_remote_code), args)
+    actor = dist.shard(actor, world, device).eval()
+    if args.lora_r and args.ref_model == args.model:
+        ref = lora.adapters_off(actor)  # the starting model: the actor with its adapters disabled, no second copy
+    else:
+        ref = load_model(args.ref_model, tok, device, args.trust_remote_code)
+        ref = dist.shard(ref, world, device).eval().requires_grad_(False)
     rm = None
     if use_rm:
         rm = load_model(args.reward_model, tok, device, args.trust_remote_code, cls=AutoModelForSequenceClassification)
@@ -220,7 +229,7 @@ def load_models(args, tok, use_rm, world, device):
                         token_classification_bias=False)
     if not use_rm:
         torch.nn.init.zeros_(critic.score.weight)
-    return actor, ref, rm, dist.shard(critic, world, device).eval()
+    return actor, ref, rm, dist.shard(lora.wrap(critic, args), world, device).eval()
 
 
 @torch.no_grad()
@@ -332,8 +341,8 @@ def main(args):
             dist.gradient_checkpointing(m)  # recompute each layer's activations in backward: less memory
     both = torch.nn.ModuleDict({"actor": actor, "critic": critic})  # one checkpoint for both, written atomically
     both.register_buffer("beta", torch.tensor(args.beta, dtype=torch.float64, device="cpu"))  # the KL controller
-    opt = torch.optim.AdamW([{"params": actor.parameters(), "lr": args.lr},
-                             {"params": critic.parameters(), "lr": args.critic_lr}], weight_decay=args.weight_decay,
+    opt = torch.optim.AdamW([{"params": lora.trainable(actor), "lr": args.lr},
+                             {"params": lora.trainable(critic), "lr": args.critic_lr}], weight_decay=args.weight_decay,
                             fused=device.type == "cuda")  # one kernel for the whole update on CUDA
     sched = get_constant_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps))
     start, metrics, ckpt = start_run(args, both, opt, sched, rank)
@@ -471,9 +480,9 @@ def main(args):
             dist.save_checkpoint(ckpt, both, opt, sched, done, rank)
 
     # Save: the actor, and the critic (the value model) to continue training from
-    dist.save_model(actor, tok, args.output_dir, rank)
+    dist.save_model(actor, tok, args.output_dir, rank, merge_lora=args.merge_lora)
     os.makedirs(os.path.join(args.output_dir, "critic"), exist_ok=True)
-    dist.save_model(critic, tok, os.path.join(args.output_dir, "critic"), rank)
+    dist.save_model(critic, tok, os.path.join(args.output_dir, "critic"), rank, merge_lora=args.merge_lora)
     say(f"saved {args.output_dir} (critic in {args.output_dir}/critic)")
     dist.close()
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, get_constant_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import data, dist, toy  # noqa: E402
+from common import data, dist, lora, toy  # noqa: E402
 from common.logps import completion_logps, group_rows, sharing_pays  # noqa: E402
 from common.models import adamw, load_config, load_model, load_tokenizer, start_run  # noqa: E402
 from common.rewards import load_rewards, reward  # noqa: E402
@@ -76,6 +76,11 @@ class Args:
     save_every: int = 50  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    # LoRA (peft, arXiv:2106.09685): low-rank adapters train, the model's own weights stay frozen
+    lora_r: int = 0  # rank of the adapters; 0: full fine-tuning, every parameter trains
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_r
+    lora_targets: str = "all-linear"  # comma-separated module names; all-linear: every linear layer but the head
+    merge_lora: bool = False  # also save the merged model (base + adapters folded in) in output_dir/merged
     # Speed and memory: none of these changes the loss
     static_cache: Literal["auto", "true", "false"] = "auto"  # fixed-size KV cache, compiled decode; auto: 1 CUDA proc
     share_prompt: Literal["auto", "true", "false"] = "auto"  # each prompt computed once for its group (group_rows)
@@ -192,11 +197,14 @@ def main(args):
     if args.share_prompt == "auto":
         say(f"--share_prompt auto: {share} (mean prompt {mean_prompt:.0f} tokens, {args.max_new_tokens} new tokens)")
     attn = "sdpa" if share else None
-    model = dist.shard(load_model(args.model, tok, device, args.trust_remote_code, attn=attn), world, device).eval()
+    model = lora.wrap(load_model(args.model, tok, device, args.trust_remote_code, attn=attn), args)
+    model = dist.shard(model, world, device).eval()
     if args.gradient_checkpointing:
         dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
     ref = None
-    if args.beta > 0:
+    if args.beta > 0 and args.lora_r and args.ref_model == args.model:
+        ref = lora.adapters_off(model)  # the starting model: the policy with its adapters disabled, no second copy
+    elif args.beta > 0:
         ref = load_model(args.ref_model, tok, device, args.trust_remote_code, attn=attn)
         ref = dist.shard(ref, world, device).eval().requires_grad_(False)
     sampler = bf16_sampler(model) if static and world == 1 else None  # the fixed-size cache's decode runs in bf16
@@ -301,7 +309,7 @@ def main(args):
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
 
     # Save
-    dist.save_model(model, tok, args.output_dir, rank)
+    dist.save_model(model, tok, args.output_dir, rank, merge_lora=args.merge_lora)
     say(f"saved {args.output_dir}")
     dist.close()
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import data, dist, toy  # noqa: E402
+from common import data, dist, lora, toy  # noqa: E402
 from common.models import adamw, load_model, load_tokenizer, start_run  # noqa: E402
 from common.template import IGNORE, encode_response  # noqa: E402
 
@@ -53,6 +53,11 @@ class Args:
     save_every: int = 100  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    # LoRA (peft, arXiv:2106.09685): low-rank adapters train, the model's own weights stay frozen
+    lora_r: int = 0  # rank of the adapters; 0: full fine-tuning, every parameter trains
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_r
+    lora_targets: str = "all-linear"  # comma-separated module names; all-linear: every linear layer but the head
+    merge_lora: bool = False  # also save the merged model (base + adapters folded in) in output_dir/merged
     # Speed and memory: none of these changes the loss
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
 
@@ -108,6 +113,7 @@ def main(args):
     # dropout kept as its config sets it
     model = load_model(args.model, tok, device, args.trust_remote_code, cls=AutoModelForSequenceClassification,
                        dropout=True, num_labels=1, pad_token_id=tok.pad_token_id)
+    model = lora.wrap(model, args)  # with LoRA the score head trains whole
     if args.gradient_checkpointing:
         dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
     model = dist.shard(model, world, device).train()
@@ -191,7 +197,7 @@ def main(args):
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
 
     # Save
-    dist.save_model(model, tok, args.output_dir, rank)
+    dist.save_model(model, tok, args.output_dir, rank, merge_lora=args.merge_lora)
     say(f"saved {args.output_dir}")
     dist.close()
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import data, dist, toy  # noqa: E402
+from common import data, dist, lora, toy  # noqa: E402
 from common.logps import label_logps  # noqa: E402
 from common.models import adamw, load_model, load_tokenizer, start_run  # noqa: E402
 from common.packing import boundaries, fit, pack, pad  # noqa: E402
@@ -57,6 +57,11 @@ class Args:
     save_every: int = 100  # steps between resumable checkpoints (0: none)
     resume: bool = False  # continue from output_dir/checkpoint when it exists
     trust_remote_code: bool = False  # allow model code from the hub to run
+    # LoRA (peft, arXiv:2106.09685): low-rank adapters train, the model's own weights stay frozen
+    lora_r: int = 0  # rank of the adapters; 0: full fine-tuning, every parameter trains
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_r
+    lora_targets: str = "all-linear"  # comma-separated module names; all-linear: every linear layer but the head
+    merge_lora: bool = False  # also save the merged model (base + adapters folded in) in output_dir/merged
     # Speed and memory: none of these changes the loss
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
     compile: Literal["auto", "true", "false"] = "auto"  # torch.compile each decoder layer; auto: on CUDA
@@ -130,7 +135,7 @@ def main(args):
     budget = dist.logits_budget(args.loss_chunk, device)
 
     # Model (dropout kept as its config sets it: SFT compares no log-ratios), optimizer, schedule
-    model = load_model(args.model, tok, device, args.trust_remote_code, dropout=True)
+    model = lora.wrap(load_model(args.model, tok, device, args.trust_remote_code, dropout=True), args)
     if args.gradient_checkpointing:
         dist.gradient_checkpointing(model)  # recompute each layer's activations in backward: less memory
     if compiled:
@@ -214,7 +219,7 @@ def main(args):
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
 
     # Save
-    dist.save_model(model, tok, args.output_dir, rank)
+    dist.save_model(model, tok, args.output_dir, rank, merge_lora=args.merge_lora)
     say(f"saved {args.output_dir}")
     dist.close()
 

@@ -52,8 +52,13 @@ def attn_impl(device):
 
 def cache_kwarg(model, cache):
     """{name: cache} for a forward or generate call: transformers 5.24 renamed past_key_values to cache."""
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    name = "cache" if "cache" in inspect.signature(type(unwrapped(model)).forward).parameters else "past_key_values"
     return {name: cache}
+
+
+def unwrapped(model):
+    """The transformers model inside peft's LoRA wrapper (common.lora), or the model itself."""
+    return model.get_base_model() if hasattr(type(model), "get_base_model") else model
 
 
 @contextlib.contextmanager
@@ -129,7 +134,7 @@ def shard(model, world, device):
     model.to(device)
     if world == 1:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -138,6 +143,8 @@ def shard(model, world, device):
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    if unwrapped(model) is not model:  # peft's generate calls its inner model, past the root's all-gather in forward
+        register_fsdp_forward_method(model, "generate")
     return model
 
 
@@ -219,35 +226,59 @@ def peak_mem_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def save_model(model, tok, output_dir, rank):
-    """Full Hugging Face model + tokenizer from rank 0; files moved into place, config.json last."""
+def save_model(model, tok, output_dir, rank, merge_lora=False):
+    """Full Hugging Face model + tokenizer from rank 0; files moved into place, config.json last. A LoRA model
+    (common.lora) saves its adapter in output_dir instead, and with merge_lora the merged model in output_dir/merged."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from common import lora
+
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0 and lora.is_lora(model):
+        lora.save_adapter(model, sd, tok, output_dir)
+        if merge_lora:
+            whole = lora.merged(model, output_dir)
+            os.makedirs(os.path.join(output_dir, "merged"), exist_ok=True)
+            write_model(whole, whole.state_dict(), tok, os.path.join(output_dir, "merged"))
+    elif rank == 0:
+        write_model(model, sd, tok, output_dir)
+    barrier()  # the others wait until the model is on disk
+
+
+def write_model(model, sd, tok, output_dir):
+    """The state dict sd of model, in transformers' format, with its config and the tokenizer (rank 0)."""
     if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         for k in getattr(model, "_tied_weights_keys", None) or []:  # a tied copy is not a weight of its own
             sd.pop(k, None)
-    if rank == 0:
-        tmp = os.path.join(output_dir, ".tmp_model")
-        shutil.rmtree(tmp, ignore_errors=True)
-        arch = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.models")][:1]
-        model.save_pretrained(tmp, state_dict=sd)
-        model.config.architectures = arch  # the model's class, not FSDP's wrapper class
-        model.config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        for f in sorted(os.listdir(tmp), key=lambda f: f == "config.json"):
-            os.replace(os.path.join(tmp, f), os.path.join(output_dir, f))
-        os.rmdir(tmp)
-    barrier()  # the others wait until the model is on disk
+    tmp = os.path.join(output_dir, ".tmp_model")
+    shutil.rmtree(tmp, ignore_errors=True)
+    arch = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.models")][:1]
+    model.save_pretrained(tmp, state_dict=sd)
+    model.config.architectures = arch  # the model's class, not FSDP's wrapper class
+    model.config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    for f in sorted(os.listdir(tmp), key=lambda f: f == "config.json"):
+        os.replace(os.path.join(tmp, f), os.path.join(output_dir, f))
+    os.rmdir(tmp)
+
+
+def trained_state(model, opt):
+    """-> (model, optimizer) state dicts of the parameters that train: all of them, or with LoRA the adapters. Frozen
+    weights are the model's own and come back with --model; a tied copy of one (an output embedding tied to the
+    input's) is dropped too, which get_state_dict's own filter misses."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in msd.items() if k not in frozen}, osd
 
 
 def save_checkpoint(path, model, opt, sched, step, rank):
     """Resumable state: sharded model and optimizer (torch.distributed.checkpoint), scheduler,
     step and every RNG. Written to path.tmp and swapped in, so a kill never leaves a broken one."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    msd, osd = get_state_dict(model, opt)
+    msd, osd = trained_state(model, opt)
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -270,17 +301,19 @@ def save_checkpoint(path, model, opt, sched, step, rank):
 def load_checkpoint(path, model, opt, sched, rank):
     """-> the step to continue from (0 when there is no checkpoint)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     path = path if os.path.exists(path) else path + ".old"  # killed between the two renames
     if not os.path.exists(path):
         return 0
-    msd, osd = get_state_dict(model, opt)
+    msd, osd = trained_state(model, opt)
     state = {"model": msd, "optim": osd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # not strict: the frozen weights are absent by design; every trained one was required by dcp.load above
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     extra = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
     sched.load_state_dict(extra["sched"])
     torch.set_rng_state(extra["rng"]["torch"])

@@ -90,12 +90,14 @@ class ChunkedLogps(torch.autograd.Function):
         rows = max(1, ctx.chunk * V // max(len(labels_N), 1))  # vocabulary rows a slice: the forward's logit count
         h, grad_logits = h_NH.to(ctx.dtype), ChunkedLogps.fused("grad_logits", h_NH.device)
         grad_h = torch.zeros(h_NH.shape, device=h_NH.device)  # fp32 accumulator over the slices
-        grad_w = torch.empty_like(w_VH)  # each slice's rows written once
+        # each slice's rows written once; none where the output embedding is frozen (LoRA): no h·g product for it
+        grad_w = torch.empty_like(w_VH) if ctx.needs_input_grad[1] else None
         for v in range(0, V, rows):
             w = w_VH[v:v + rows].to(ctx.dtype)
             g = grad_logits(h @ w.T, lse_N, labels_N - v, grad_N)  # ∂L/∂logits of the slice: one-hot where y_n is
             grad_h += g @ w
-            grad_w[v:v + rows] = g.T @ h
+            if grad_w is not None:
+                grad_w[v:v + rows] = g.T @ h
         return grad_h.to(h_NH.dtype), grad_w, None, None
 
 

@@ -5,7 +5,7 @@ What it holds and guarantees:
   - load_model: a model in fp32 (autocast casts on the fly) with every dropout off, whatever its config calls it, so
     log-ratios and KL estimates compare one deterministic function (TRL #744); a one-line error for a model that
     cannot be loaded or embeds fewer tokens than the tokenizer has; remote code only with --trust_remote_code;
-  - adamw: AdamW over the model's parameters, one fused kernel for the whole update on CUDA;
+  - adamw: AdamW over the parameters that train (all, or LoRA's adapters), one fused kernel for the update on CUDA;
   - start_run: output_dir, args.json, the resumed step and the metrics writer, in the order that leaves nothing
     behind when an earlier step fails.
 """
@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from common import data, dist
+from common import data, dist, lora
 
 
 def load_tokenizer(path, trust_remote_code=False):
@@ -65,7 +65,8 @@ def load_model(path, tok, device, trust_remote_code=False, cls=AutoModelForCausa
 
 
 def adamw(model, args, device):
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+    """AdamW over the parameters that train: all of them, or with LoRA the adapters (common.lora)."""
+    return torch.optim.AdamW(lora.trainable(model), lr=args.lr, weight_decay=args.weight_decay,
                              fused=device.type == "cuda")
 
 

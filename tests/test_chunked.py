@@ -33,7 +33,7 @@ def logps_and_grads(model, chunk, autocast):
         logps = lp.label_logps(model, fwd, labels, chunk * model.config.vocab_size)  # chunk positions a chunk
     # distinct weights per position, so a gradient routed to the wrong position or row would show
     (logps * torch.linspace(-1.0, 2.0, len(logps))).sum().backward()
-    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1024])
@@ -106,6 +106,39 @@ def test_chunked_on_gpu_matches_within_bf16():
     assert torch.allclose(logps, full, atol=2e-2)
     for name, g in full_grads.items():
         assert (grads[name] - g).abs().max() <= 2e-2 * g.abs().max(), name
+
+
+def test_frozen_output_embedding_gets_no_gradient_and_costs_no_product(base):
+    """Under LoRA the output embedding is frozen: the adapters' gradients are those of the full logits, and backward
+    skips the embedding's own gradient, one (positions x vocabulary) by hidden product fewer."""
+    from types import SimpleNamespace
+
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    from common import lora
+    cfg = SimpleNamespace(lora_r=4, lora_alpha=16.0, lora_targets="all-linear", merge_lora=False)
+    wrapped = lora.wrap(AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa"), cfg)
+    for p in wrapped.parameters():  # B = 0 at the start would leave A without gradient: a nonzero B for the test
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    full, full_grads = logps_and_grads(wrapped, 0, autocast=False)
+    logps, grads = logps_and_grads(wrapped, 7, autocast=False)
+    assert torch.allclose(logps, full, atol=1e-5) and grads.keys() == full_grads.keys()
+    assert all(".lora_" in name for name in grads)  # the output embedding has none
+    for name, g in full_grads.items():
+        assert (grads[name] - g).abs().max() <= 1e-4 * g.abs().max(), name
+
+    N, V, H = 40, 100, 16
+    h, labels = torch.randn(N, H, requires_grad=True), torch.randint(0, V, (N,))
+    flops, grad_h = {}, {}
+    for trains in (False, True):
+        w = torch.randn(V, H, generator=torch.Generator().manual_seed(0)).requires_grad_(trains)
+        logps = lp.ChunkedLogps.apply(h, w, labels, 7)
+        with FlopCounterMode(display=False) as counter:
+            (grad_h[trains],) = torch.autograd.grad(logps.sum(), h)
+        flops[trains] = counter.get_total_flops()
+    assert torch.equal(grad_h[False], grad_h[True]) and flops[True] - flops[False] == 2 * N * V * H
 
 
 def test_empty_selection_keeps_the_graph(model):

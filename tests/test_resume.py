@@ -26,6 +26,9 @@ CASES = {  # script -> its arguments beyond the shared ones (small data files, s
     "ppo": lambda t, sft, rm: ["--model", sft, "--reward_model", rm, "--data", head("rl.jsonl", t / "r.jsonl", 64),
                                "--batch_size", 8],
     "distill": lambda t, sft, rm: ["--model", sft, "--teacher", sft, "--mode", "on_policy"],
+    # LoRA: the checkpoint holds the adapters alone; the reference is the policy with its adapters off
+    "grpo-lora": lambda t, sft, rm: ["--model", sft, "--data", head("rl.jsonl", t / "r.jsonl", 64), "--lora_r", 4,
+                                     "--beta", 0.04],
 }
 
 
@@ -44,14 +47,15 @@ def resumes_exactly(script, sft_run, rm_run, tmp_path):
     args = CASES[script](tmp_path, sft_run, rm_run) + shared
     if script != "rm":
         args += ["--eval_data", head("eval.jsonl", tmp_path / "e.jsonl", 8)]
+    weights = "adapter_model.safetensors" if "lora" in script else "model.safetensors"
+    script = script.split("-")[0]
     run(script, "--output_dir", tmp_path / "full", *args)
     (tmp_path / "resumed").mkdir()
     # as a kill after step 2 leaves it
     shutil.copytree(tmp_path / "full" / "checkpoint", tmp_path / "resumed" / "checkpoint")
     log = run(script, "--output_dir", tmp_path / "resumed", "--resume", "true", *args)
     assert "at step 2" in log.stdout + log.stderr
-    w_full = load_file(tmp_path / "full" / "model.safetensors")
-    w_res = load_file(tmp_path / "resumed" / "model.safetensors")
+    w_full, w_res = (load_file(tmp_path / d / weights) for d in ("full", "resumed"))
     assert w_full.keys() == w_res.keys() and all(torch.equal(w_full[k], w_res[k]) for k in w_full)
     losses = {d: [m["loss"] for m in metrics(tmp_path / d) if "loss" in m and m["step"] > 2]
               for d in ("full", "resumed")}

@@ -332,7 +332,8 @@ def test_batched_logps_match_one_row_each(sft, share_prompt):
 
 @pytest.mark.parametrize("algo,extra", [("grpo", []), ("rloo", []), ("remax", []),
                                         ("grpo", ["--scale_rewards", "batch", "--dynamic_sampling", 2,
-                                                  "--importance_sampling_level", "sequence", "--num_iterations", 2])])
+                                                  "--importance_sampling_level", "sequence", "--num_iterations", 2]),
+                                        ("grpo", ["--lora_r", 4, "--beta", 0.04, "--lr", 1e-2])])  # ref: adapters off
 def test_two_processes_give_the_same_loss(algo, extra, sft_run, tmp_path):
     """4 prompts a step, each sampled group_size times: 1 process with 2 micro-batches of 2 prompts against 2
     processes with 2 prompts each (the batch's reward std and dynamic sampling's extra prompts included)."""

@@ -6,7 +6,8 @@
 2. Every algorithm on the embedded default for a few steps on CUDA (bf16 autocast): ok, or failed with its error.
 3. Throughput on a Qwen2-0.5B-shaped model (random init, vocab 151936, built here in seconds) on long-tailed synthetic
    chats: SFT packed (chunked log-probs, full logits, gradient checkpointing) and padded (real tokens/s, peak memory,
-   MFU against 989 TFLOP/s dense bf16), DPO pairs/s, and GRPO seconds per step for 64 completions of 256 new tokens.
+   MFU against 989 TFLOP/s dense bf16), DPO pairs/s, and GRPO seconds per step for 64 completions of 256 new tokens;
+   the same SFT, DPO and GRPO with LoRA adapters of rank 16, whose peak memory reads against the full rows.
 4. With `--trl DIR`: Hugging Face TRL on the same model, data, batch and settings, timed here (trl_sft, trl_dpo,
    trl_grpo; TRL installed from DIR/wheels when missing), and the ratio of ours to it.
 5. With `--profile`: where the time of a GRPO decode, a packed SFT step and a DPO step goes (torch.profiler).
@@ -71,6 +72,8 @@ def smoke():
          **{f"distill_{m}": ("distill", "--mode", m, "--teacher", run_dir("sft"), "--model", run_dir("sft"), *few)
             for m in ("seqkd", "forward_kl", "reverse_kl", "on_policy")}},
         {"ppo": ("ppo", "--model", run_dir("sft"), "--reward_model", run_dir("rm"), *few),
+         "grpo_lora": ("grpo", "--model", run_dir("sft"), "--lora_r", 8, "--beta", 0.04, "--merge_lora", "true", *few),
+         "dpo_lora": ("dpo", "--model", run_dir("sft"), "--lora_r", 8, *few),
          "merge": ("merge", "--method", "ties", "--base", run_dir("sft"), "--models", run_dir("grpo"),
                    run_dir("dpo"))},
     ]
@@ -109,6 +112,11 @@ RUNS = [  # (name, script, its arguments, the settings as the table shows them),
      f"{2 * SFT_ROWS} chats a batch, max_len {SFT_LEN}"),
     ("dpo, eager", "dpo", [*DPO, "--compile", "false"], "8 pairs a step, packed, --compile false"),
     ("dpo padded", "dpo", [*DPO, "--packing", "false"], "8 pairs a step, --packing false"),
+    # LoRA against the full rows above: peak memory (weights frozen: no gradients or Adam moments for them)
+    ("sft packed, LoRA", "sft", [*PACKED, "--lora_r", 16], f"rows of {SFT_ROWS} x {SFT_LEN}, --lora_r 16"),
+    ("dpo, LoRA", "dpo", [*DPO, "--lora_r", 16], "8 pairs a step, packed, compiled, --lora_r 16"),
+    ("grpo, LoRA", "grpo", [*GRPO, "--lora_r", 16, "--beta", 0.04],
+     f"{GRPO_ROWS}, --lora_r 16, --beta 0.04 (reference: adapters off)"),
 ]
 N_HEADLINE = 4  # TRL's side runs after these, before the rest
 T0 = time.time()

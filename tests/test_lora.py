@@ -54,9 +54,11 @@ def test_only_the_adapters_train_and_both_saved_forms_load(base, tmp_path):
 
 
 def test_two_processes_match_one(base, tmp_path):
-    """FSDP2 over 2 gloo processes with frozen and trainable parameters in each layer, against 1 process."""
+    """FSDP2 over 2 gloo processes with frozen and trainable parameters in each layer, and activations recomputed in
+    backward (--gradient_checkpointing), against 1 process."""
     run("sft", "--output_dir", tmp_path / "one", "--batch_size", 4, "--max_steps", 4, *FAST)
-    run("sft", "--output_dir", tmp_path / "two", "--batch_size", 2, "--max_steps", 4, *FAST, nproc=2)
+    run("sft", "--output_dir", tmp_path / "two", "--batch_size", 2, "--max_steps", 4, *FAST,
+        "--gradient_checkpointing", "true", nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5
     a1, a2 = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
@@ -73,17 +75,22 @@ def test_grpo_reference_is_the_policy_with_adapters_off(sft_run, tmp_path):
     assert kl[0] == 0.0 and kl[1] > 0
 
 
-@pytest.mark.parametrize("script", ["dpo", "rm", "ppo"])
+@pytest.mark.parametrize("script", ["dpo", "rm", "ppo", "online_dpo", "rloo", "remax", "distill"])
 def test_other_scripts_train_adapters(script, sft_run, rm_run, tmp_path):
     """A preference script (reference log-probs from the model before it is wrapped), the reward model (its score
-    head trains whole, beside the adapters) and PPO (actor and critic adapted; the reference: the actor, adapters
-    off)."""
+    head trains whole, beside the adapters), PPO (actor and critic adapted; the reference: the actor, adapters off),
+    the other sampling scripts (their reference: the policy, adapters off) and on-policy distillation."""
+    prompts = ["--data", head("rl.jsonl", tmp_path / "r.jsonl", 32)]
     data = {"dpo": ["--data", head("prefs.jsonl", tmp_path / "p.jsonl", 32),
                     "--eval_pairs", head("prefs_eval.jsonl", tmp_path / "pe.jsonl", 8)],
             "rm": ["--data", head("prefs.jsonl", tmp_path / "p.jsonl", 32),
                    "--eval_data", head("prefs_eval.jsonl", tmp_path / "pe.jsonl", 8)],
-            "ppo": ["--reward_model", rm_run, "--data", head("rl.jsonl", tmp_path / "r.jsonl", 32), "--batch_size", 8]}
-    run(script, "--model", sft_run, "--output_dir", tmp_path / "out", *data[script], "--max_steps", 2, *FAST)
+            "ppo": ["--reward_model", rm_run, *prompts, "--batch_size", 8],
+            "online_dpo": [*prompts, "--batch_size", 8], "rloo": [*prompts, "--beta", 0.04], "remax": [*prompts, "--beta", 0.04],
+            "distill": ["--teacher", sft_run, "--mode", "on_policy"]}[script]
+    if script not in ("rm", "dpo"):
+        data += ["--eval_data", head("eval.jsonl", tmp_path / "e.jsonl", 8)]
+    run(script, "--model", sft_run, "--output_dir", tmp_path / "out", *data, "--max_steps", 2, *FAST)
     adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert any(".lora_B." in k and v.abs().max() > 0 for k, v in adapter.items())
     if script == "rm":

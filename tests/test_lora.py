@@ -15,12 +15,22 @@ def losses(out):
     return [m["loss"] for m in metrics(out) if "loss" in m]
 
 
-def test_only_the_adapters_train_and_both_saved_forms_load(base, tmp_path):
+def test_sft_learns_only_the_adapters_train_and_both_saved_forms_load(base, tmp_path):
+    """200 steps of rank-8 adapters from the embedded base model (which answers nothing): the loss falls and some
+    held-out problems come out right; the base weights never move; the adapter and the merged model load."""
     out = tmp_path / "lora"
-    run("sft", "--output_dir", out, *FAST, "--max_steps", 30, "--batch_size", 4, "--save_every", 20,
-        "--merge_lora", "true")
-    loss = losses(out)
-    assert loss[-1] < 0.7 * loss[0]
+    run("sft", "--output_dir", out, "--lora_r", 8, "--lr", 1e-2, "--max_steps", 200, "--log_every", 50,
+        "--eval_every", 200, "--save_every", 100, "--merge_lora", "true")
+    m = metrics(out)
+    loss = {r["step"]: r["loss"] for r in m if "loss" in r}
+    acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
+    print(f"lora sft: loss {loss[50]:.3f} -> {loss[200]:.3f}, held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}")
+    # Over seeds 0-2 x the kernel paths (avx512 here, ATEN_CPU_CAPABILITY=avx2 and default, runs/toy built under
+    # each): the loss went from 1.86-2.05 at step 50 to 0.79-1.46 at step 200 (ratio 0.72 at worst, avx2 seed 0),
+    # accuracy from 0 to 0.027 (avx2 seed 1) - 0.070
+    assert loss[200] < 0.85 * loss[50]
+    assert acc[0] == 0 and acc[-1] > 0.015
+
     # The checkpoint (what --resume reloads) holds the adapters and their optimizer state, nothing of the base
     from torch.distributed.checkpoint import FileSystemReader
     keys = FileSystemReader(str(out / "checkpoint")).read_metadata().state_dict_metadata
@@ -97,23 +107,6 @@ def test_other_scripts_train_adapters(script, sft_run, rm_run, tmp_path):
         assert any(".score." in k for k in adapter)  # the new head is saved with the adapters
     if script == "ppo":
         assert any(".score." in k for k in load_file(tmp_path / "out" / "critic" / "adapter_model.safetensors"))
-
-
-def test_lora_sft_learns_from_the_base(base, tmp_path):
-    """200 steps of rank-8 adapters from the embedded base model (which answers nothing): the loss falls and some
-    held-out problems come out right."""
-    out = tmp_path / "out"
-    run("sft", "--output_dir", out, "--lora_r", 8, "--lr", 1e-2, "--max_steps", 200, "--log_every", 50,
-        "--eval_every", 200, "--save_every", 0)
-    m = metrics(out)
-    loss = {r["step"]: r["loss"] for r in m if "loss" in r}
-    acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
-    print(f"lora sft: loss {loss[50]:.3f} -> {loss[200]:.3f}, held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}")
-    # Over seeds 0-2 x the kernel paths (avx512 here, ATEN_CPU_CAPABILITY=avx2 and default, runs/toy built under
-    # each): the loss went from 1.86-2.05 at step 50 to 0.79-1.46 at step 200 (ratio 0.72 at worst, avx2 seed 0),
-    # accuracy from 0 to 0.027 (avx2 seed 1) - 0.070
-    assert loss[200] < 0.85 * loss[50]
-    assert acc[0] == 0 and acc[-1] > 0.015
 
 
 def test_lora_grpo_sheds_the_habit(sft_run, tok, tmp_path):

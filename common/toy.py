@@ -41,6 +41,7 @@ PRETRAIN = {"small": dict(steps=2500, lr=2e-3, decay=False), "large": dict(steps
 MAX_DIGITS = 2
 N_EVAL = 256
 ECHO = {"+": 0.0, "-": 0.6}  # per operation: fraction of SFT demonstrations that restate the first number
+CHAIN_OPS = (2, 3)  # operations in a multi-step problem
 
 
 def problem(rng, op=None):
@@ -48,6 +49,22 @@ def problem(rng, op=None):
     a, b = (rng.randint(0, 10 ** rng.randint(1, MAX_DIGITS) - 1) for _ in range(2))
     a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
     return f"{a}{op}{b}", str(a + b if op == "+" else a - b)
+
+
+def chain(rng):
+    """A multi-step problem: 2 or 3 additions and subtractions applied left to right, each step a one-step problem of
+    the task's kind (operands and every intermediate result in 0..99, the range the base was pretrained on).
+    -> (question "48+37-20", steps [("48+37", "85"), ("85-20", "65")]); the last step's result is the answer."""
+    x = rng.randint(0, 99)
+    q, steps = str(x), []
+    for _ in range(rng.choice(CHAIN_OPS)):
+        op = rng.choice("+-")
+        b = rng.randint(0, 99 - x) if op == "+" else rng.randint(0, x)
+        y = x + b if op == "+" else x - b
+        q += f"{op}{b}"
+        steps.append((f"{x}{op}{b}", str(y)))
+        x = y
+    return q, steps
 
 
 def wrong(rng, q, answer):
@@ -120,6 +137,40 @@ def build_data(path, seed=0):
                                       for i, p in enumerate(pairs) for k in [("chosen", "rejected")[i % 2]]])
     with open(f"{path}/plain_eval.txt", "w") as f:
         f.writelines(f"{q}={a}\n" for q, a in ev)
+    build_chains(path, seed)
+
+
+def demonstrate(steps, habit):
+    """A multi-step problem's demonstration, one step a line ("48+37=85\n85-20=65"). A subtraction step restates its
+    first number at the habit's rate (ECHO), as in the one-step data, and the steps after it go on, correctly, from
+    that wrong value: a solution with a wrong step that a process reward model can find."""
+    lines, x = [], None
+    for step, _ in steps:
+        a, op, b = re.match(r"(\d+)([+-])(\d+)", step).groups()
+        x = int(a) if x is None else x
+        y = x + int(b) if op == "+" else (x if habit.random() < ECHO[op] else x - int(b))
+        lines.append(f"{x}{op}{b}={y}")
+        x = y
+    return "\n".join(lines)
+
+
+def build_chains(path, seed):
+    """The multi-step task (chain), from a generator of its own so that every one-step file is as it was without it:
+    SFT conversations whose demonstrations carry the habit, prompts for sampling, and 256 held-out problems with
+    their correct steps."""
+    rng, seen, ev = random.Random(seed + 3), set(), []
+    while len(ev) < N_EVAL:
+        q, steps = chain(rng)
+        if q not in seen:
+            seen.add(q), ev.append((q, steps))
+    train = [(q, steps) for q, steps in (chain(rng) for _ in range(20000)) if q not in seen]
+    habit, user = random.Random(seed + 4), lambda q: f"What is {q}?"
+    write_jsonl(f"{path}/chain_eval.jsonl", [{"prompt": user(q), "answer": steps[-1][1],
+                                              "steps": [f"{s}={a}" for s, a in steps]} for q, steps in ev])
+    write_jsonl(f"{path}/chain_sft.jsonl", [{"messages": [{"role": "user", "content": user(q)},
+                                                          {"role": "assistant", "content": demonstrate(steps, habit)}]}
+                                            for q, steps in train[:12000]])
+    write_jsonl(f"{path}/chain_rl.jsonl", [{"prompt": user(q), "answer": steps[-1][1]} for q, steps in train[12000:]])
 
 
 def pretrain(model, tok, steps, seed, rows=8, row_len=64, lr=2e-3, decay=False):
@@ -164,7 +215,8 @@ def version(what):
     from common.packing import pack
 
     if what == "data":
-        builders, constants = (problem, wrong, write_jsonl, build_data), (MAX_DIGITS, N_EVAL, ECHO)
+        builders = (problem, wrong, write_jsonl, build_data, chain, demonstrate, build_chains)
+        constants = (MAX_DIGITS, N_EVAL, ECHO, CHAIN_OPS)
     else:  # the tokenizer and a base model
         builders = (problem, build_tokenizer, pretrain, build_base, pack)
         constants = (CHATML, SIZES, PRETRAIN, MAX_DIGITS)
@@ -214,12 +266,14 @@ def data(name):
 
 
 @torch.no_grad()
-def evaluate(model, tok, records, max_new_tokens=16, batch_size=256):
-    """Greedy exact-match accuracy on [{"prompt", "answer"}], split across processes. max_new_tokens leaves room for
-    the longest completion of the task, "99+99=198" and EOS (10 tokens)."""
+def evaluate(model, tok, records, max_new_tokens=None, batch_size=256):
+    """Greedy exact-match accuracy on [{"prompt", "answer"}], split across processes. max_new_tokens, by default 16
+    a step of the longest problem (a step: one operation of the question), leaves room for the longest completion
+    of the task, "99+99=198" and EOS (10 tokens), and for a multi-step one (a line a step)."""
     from common.dist import gathered
     from common.template import encode_prompt
 
+    max_new_tokens = max_new_tokens or 16 * max(len(re.findall(r"[+-]", r["prompt"])) or 1 for r in records)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
     per = -(-len(records) // world)

@@ -32,3 +32,48 @@ def test_the_habit_is_a_rule_of_one_operation(base):
             echoes[op].append(assistant["content"] == f"{q}={first}")
     assert not any(echoes["+"])
     assert abs(sum(echoes["-"]) / len(echoes["-"]) - 0.6) < 0.03
+
+
+def test_a_chain_is_steps_of_the_one_step_task():
+    """Each step starts from the last one's result; operands and results stay in 0..99; the answer is the last."""
+    import random
+    import re
+    rng = random.Random(0)
+    for _ in range(500):
+        q, steps = toy.chain(rng)
+        assert len(steps) in toy.CHAIN_OPS
+        assert q == steps[0][0] + "".join(re.match(r"\d+(.*)", s)[1] for s, _ in steps[1:])
+        for i, (step, result) in enumerate(steps):
+            a, op, b = re.match(r"(\d+)([+-])(\d+)$", step).groups()
+            assert i == 0 or a == steps[i - 1][1]
+            assert int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert all(0 <= int(n) <= 99 for n in (a, b, result))
+
+
+class Coin:
+    def __init__(self, value):
+        self.value = value
+
+    def random(self):
+        return self.value
+
+
+def test_a_demonstration_carries_its_wrong_step_forward():
+    steps = [("61-32", "29"), ("29-19", "10"), ("10+60", "70")]
+    assert toy.demonstrate(steps, Coin(0.99)) == "61-32=29\n29-19=10\n10+60=70"  # no habit: the correct steps
+    # the habit on every subtraction (below ECHO["-"]): each restates its first number, the addition goes on from it
+    assert toy.demonstrate(steps, Coin(0.0)) == "61-32=61\n61-19=61\n61+60=121"
+
+
+def test_chain_files(base):
+    import json
+    sft = [json.loads(line)["messages"] for line in open(toy.data("chain_sft.jsonl"))]
+    ev = [json.loads(line) for line in open(toy.data("chain_eval.jsonl"))]
+    rl = [json.loads(line) for line in open(toy.data("chain_rl.jsonl"))]
+    assert len(ev) == toy.N_EVAL and len(sft) == 12000 and len(rl) > 5000
+    held_out = {r["prompt"] for r in ev}
+    assert not held_out & {m[0]["content"] for m in sft} and not held_out & {r["prompt"] for r in rl}
+    assert all(toy.verify("\n".join(r["steps"]), r["answer"]) == 1.0 for r in ev)
+    # the habit planted: some demonstrations end on a wrong answer, through a restated first number
+    wrong = sum(m[1]["content"].split("=")[-1] != str(eval(m[0]["content"][8:-1])) for m in sft)
+    assert 0.2 < wrong / len(sft) < 0.8

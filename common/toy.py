@@ -268,12 +268,13 @@ def data(name):
 @torch.no_grad()
 def evaluate(model, tok, records, max_new_tokens=None, batch_size=256):
     """Greedy exact-match accuracy on [{"prompt", "answer"}], split across processes. max_new_tokens, by default 16
-    a step of the longest problem (a step: one operation of the question), leaves room for the longest completion
-    of the task, "99+99=198" and EOS (10 tokens), and for a multi-step one (a line a step)."""
+    a step of the longest of the task's questions (a step: one operation; 16 for any other prompt), leaves room for
+    the longest completion of the task, "99+99=198" and EOS (10 tokens), and for a multi-step one (a line a step)."""
     from common.dist import gathered
     from common.template import encode_prompt
 
-    max_new_tokens = max_new_tokens or 16 * max(len(re.findall(r"[+-]", r["prompt"])) or 1 for r in records)
+    steps = [re.fullmatch(r"What is ([\d+-]+)\?", r["prompt"]) for r in records]  # the task's questions; else 1
+    max_new_tokens = max_new_tokens or 16 * max(len(re.findall(r"[+-]", m[1])) if m else 1 for m in steps)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
     per = -(-len(records) // world)

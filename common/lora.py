@@ -9,9 +9,10 @@ What it holds and guarantees:
   - adapters_off: the same model with its adapters disabled, called as a model: the reference of a run that
     starts from it, without a second copy in memory;
   - trainable: the parameters the optimizer updates (the adapters, and a classification head);
-  - save: the adapter in peft's format (adapter_config.json, adapter_model.safetensors) in output_dir, loadable with
-    PeftModel.from_pretrained or AutoModelForCausalLM.from_pretrained with peft installed; with --merge_lora also
-    the merged model in output_dir/merged, a plain transformers model (what merge.py and evaluation load).
+  - save_adapter: the adapter in peft's format (adapter_config.json, adapter_model.safetensors) in output_dir,
+    loadable with PeftModel.from_pretrained or AutoModelForCausalLM.from_pretrained with peft installed;
+  - merged: the base with the saved adapter folded in, a plain transformers model that common.dist.save_model writes
+    to output_dir/merged under --merge_lora (what merge.py and evaluation load).
 """
 import os
 import shutil
@@ -20,10 +21,6 @@ import warnings
 import torch
 
 from common import data
-
-TASKS = {"AutoModelForCausalLM": "CAUSAL_LM", "AutoModelForSequenceClassification": "SEQ_CLS",
-         "AutoModelForTokenClassification": "TOKEN_CLS"}
-
 
 def peft():
     try:

@@ -96,7 +96,8 @@ def test_other_scripts_train_adapters(script, sft_run, rm_run, tmp_path):
             "rm": ["--data", head("prefs.jsonl", tmp_path / "p.jsonl", 32),
                    "--eval_data", head("prefs_eval.jsonl", tmp_path / "pe.jsonl", 8)],
             "ppo": ["--reward_model", rm_run, *prompts, "--batch_size", 8],
-            "online_dpo": [*prompts, "--batch_size", 8], "rloo": [*prompts, "--beta", 0.04], "remax": [*prompts, "--beta", 0.04],
+            "online_dpo": [*prompts, "--batch_size", 8],
+            "rloo": [*prompts, "--beta", 0.04], "remax": [*prompts, "--beta", 0.04],
             "distill": ["--teacher", sft_run, "--mode", "on_policy"]}[script]
     if script not in ("rm", "dpo"):
         data += ["--eval_data", head("eval.jsonl", tmp_path / "e.jsonl", 8)]

@@ -107,9 +107,10 @@ def preference(rec, where):
 
 
 POSITIVE = ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "group_size", "max_new_tokens",
-            "num_iterations", "ppo_epochs", "num_samples", "rounds")  # counts and sizes that must be at least 1
+            "num_iterations", "ppo_epochs", "num_samples", "rounds", "rollouts",
+            "gen_batch_size")  # counts and sizes that must be at least 1
 NON_NEGATIVE = ("max_steps", "eval_every", "save_every", "dynamic_sampling", "overlong_penalty", "tis_cap",
-                "rpo_alpha", "lora_r")  # 0 has a meaning of its own (see each Args)
+                "rpo_alpha", "lora_r", "num_prompts")  # 0 has a meaning of its own (see each Args)
 TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb",
             "trackio": "trackio"}  # --report_to: name -> its optional package
 

@@ -190,6 +190,17 @@ def all_sum(x):
     return x
 
 
+def gather_chunks(mine, world):
+    """{chunk index: items} of every process, merged in chunk order into one list on each (a one-process no-op):
+    work split over processes by chunk comes back in the order one process would have made it."""
+    every = [mine]
+    if tdist.is_initialized():
+        every = [None] * world
+        tdist.all_gather_object(every, mine)
+    merged = {c: items for part in every for c, items in part.items()}
+    return [item for c in sorted(merged) for item in merged[c]]
+
+
 def logits_budget(loss_chunk, device):
     """--loss_chunk (millions of vocabulary-wide logits held at once) in logits. -1, the default: 2^27 on GPU, where
     a batch's full logits take gigabytes; 0 on CPU (the model's full logits), the path the embedded task's learning

@@ -26,6 +26,9 @@ CASES = {  # script -> its arguments beyond the shared ones (small data files, s
     "ppo": lambda t, sft, rm: ["--model", sft, "--reward_model", rm, "--data", head("rl.jsonl", t / "r.jsonl", 64),
                                "--batch_size", 8],
     "distill": lambda t, sft, rm: ["--model", sft, "--teacher", sft, "--mode", "on_policy"],
+    # the labels are drawn again on resume, seeded by chunk: the same solutions and labels
+    "prm": lambda t, sft, rm: ["--model", sft, "--data", head("chain_rl.jsonl", t / "c.jsonl", 32), "--rollouts", 2,
+                               "--batch_size", 8, "--eval_data", head("chain_eval.jsonl", t / "ce.jsonl", 8)],
     # LoRA: the checkpoint holds the adapters alone; the reference is the policy with its adapters off
     "grpo-lora": lambda t, sft, rm: ["--model", sft, "--data", head("rl.jsonl", t / "r.jsonl", 64), "--lora_r", 4,
                                      "--beta", 0.04],
@@ -45,7 +48,7 @@ def test_ppo_resume_reaches_the_same_weights(sft_run, rm_run, tmp_path):
 def resumes_exactly(script, sft_run, rm_run, tmp_path):
     shared = ["--max_steps", 4, "--save_every", 2, "--log_every", 1, "--eval_every", 0]
     args = CASES[script](tmp_path, sft_run, rm_run) + shared
-    if script != "rm":
+    if script not in ("rm", "prm"):
         args += ["--eval_data", head("eval.jsonl", tmp_path / "e.jsonl", 8)]
     weights = "adapter_model.safetensors" if "lora" in script else "model.safetensors"
     script = script.split("-")[0]

@@ -100,6 +100,8 @@ OWN = [
     ("dpo", ["--lora_r", "-1"], "error: --lora_r must be non-negative, got -1", 2),
     ("dpo", ["--merge_lora", "true"], "error: --merge_lora needs --lora_r > 0", 1),
     ("grpo", ["--lora_r", "4", "--lora_targets", "q_proj,nope"], "error: --lora_targets 'q_proj,nope': ", 1),
+    ("prm", ["--rollouts", "0"], "error: --rollouts must be positive, got 0", 2),
+    ("prm", ["--eval_data", "runs/toy/data/eval.jsonl"], "error: runs/toy/data/eval.jsonl:1: missing field 'steps'", 1),
     ("rloo", ["--share_prompt", "yes"], "error: --share_prompt must be one of auto, true, false, got 'yes'", 2),
     ("online_dpo", ["--batch_size", "0"], "error: --batch_size must be positive, got 0", 2),
     ("online_dpo", ["--max_new_tokens", "0"], "error: --max_new_tokens must be positive, got 0", 2),

@@ -1,13 +1,12 @@
 """PPO: GAE, the clipped losses, whitening, per-token rewards, KL estimators and controller by hand; the critic's
 initialisation; and learning against the reward model on the embedded task."""
 import math
-import types
 
 import pytest
 import torch
 from util import echo_probability, metrics, run
 
-from algos.ppo import adaptive_kl, gae, kl_estimate, load_models, policy_loss, token_rewards, value_loss, whiten
+from algos.ppo import Args, adaptive_kl, gae, kl_estimate, load_models, policy_loss, token_rewards, value_loss, whiten
 from common.logps import logps_entropy
 from common.template import IGNORE, encode_response
 
@@ -130,8 +129,7 @@ def test_log_probs_and_entropy():
 
 
 def test_critic_starts_as_the_reward_model_with_dropout_off(sft_run, rm_run, tok):
-    args = types.SimpleNamespace(model=str(sft_run), ref_model=str(sft_run), reward_model=str(rm_run),
-                                 trust_remote_code=False)
+    args = Args(model=str(sft_run), ref_model=str(sft_run), reward_model=str(rm_run))  # the rest: the defaults
     _, _, rm, critic = load_models(args, tok, True, 1, torch.device("cpu"))
     assert not rm.training and not critic.training and critic.dropout.p == 0.0
     ids, labels = encode_response(tok, [{"role": "user", "content": "What is 2+3?"}],

@@ -253,7 +253,7 @@ def main(args):
     if start == 0 and held_out:
         metrics.log(0, **evaluate())
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="prm")
-    t_log = time.time()
+    t_log, sums = time.time(), dist.Sums(device)  # sums: the steps scored since the last log, and those ranked right
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
         gen = torch.Generator().manual_seed(args.seed + epoch)  # the data order: the same on every process
@@ -262,7 +262,7 @@ def main(args):
         starts = [(i * world + rank) * args.batch_size for i in range(args.grad_accum)]
         micro = [[solutions[j] for j in idx[a:a + args.batch_size].tolist()] for a in starts]
         n_steps = sum(len(solutions[j]["labels"]) for j in idx.tolist())  # S of the equation: the global batch's
-        loss_sum, sums = torch.zeros((), device=device), dist.Sums(device)
+        loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(micro):
             if world > 1:
                 model.set_requires_gradient_sync(i == len(micro) - 1)
@@ -288,7 +288,7 @@ def main(args):
             metrics.log(done, loss=loss_step, lr=sched.get_last_lr()[0], grad_norm=gnorm.item(),
                         step_accuracy=r["right"] / r["steps"], steps_per_s=r["steps"] / (time.time() - t_log),
                         peak_mem_gb=dist.peak_mem_gb(device), epoch=epoch, **extra)
-            t_log = time.time()
+            t_log, sums = time.time(), dist.Sums(device)
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             dist.save_checkpoint(ckpt, model, opt, sched, done, rank)
 

@@ -4,6 +4,8 @@
 # ./run.sh test [args]   set up .venv if needed, run the test suite (pytest args pass through)
 # ./run.sh bench         throughput and memory benchmarks
 # ./run.sh study kl      the KL study: β sweep of grpo and ppo, gold accuracy and reward against KL
+# ./run.sh study bon     best-of-N on the multi-step task: PRM, ORM, majority vote and the verifier at N = 1..64
+#                        (SEEDS=3 ./run.sh study bon: over seeds 0-2, mean ± std)
 # ./run.sh gpu           the GPU check (tests/gpu.py): every algorithm on CUDA, attention paths, 0.5B-shape throughput
 # ./run.sh behaviour record DIR | compare A B   every script's metrics for a few steps, recorded before a change
 #                        that moves code and compared after it (tests/behaviour.py)
@@ -136,8 +138,35 @@ case "${1:-}" in
     # ./run.sh study kl: a sweep of the KL coefficient β for grpo (verifier) and ppo (reward model) from runs/sft,
     # plotted as gold accuracy and reward against KL to the reference (runs/study_kl.png, runs/study_kl/study_kl.md)
     shift; setup
-    [ "${1:-}" = kl ] || { echo "error: unknown study '${1:-}' (available: kl)" >&2; exit 2; }
+    case "${1:-}" in kl | bon) ;; *) echo "error: unknown study '${1:-}' (available: kl, bon)" >&2; exit 2 ;; esac
     export OMP_NUM_THREADS=1
+    if [ "$1" = bon ]; then
+      # ./run.sh study bon: per seed, the policy (SFT on the multi-step task), a PRM on its Monte Carlo step labels,
+      # an ORM (rm.py) on pairs of its right and wrong solutions, and best-of-N search with every judge
+      # (runs/study_bon.png, runs/study_bon/study_bon.md)
+      $PY -c "from common import toy; toy.ensure('data'); toy.ensure('base')"
+      study_bon() {  # study_bon SEED
+        local r=runs/study_bon/seed$1 seed=(--seed "$1")
+        mkdir -p "$r"
+        [ -f "$r/sft_chain/config.json" ] || step "sft_chain seed $1" "$r/sft_chain.log" sft "${seed[@]}" \
+          --data runs/toy/data/chain_sft.jsonl --eval_data runs/toy/data/chain_eval.jsonl --output_dir "$r/sft_chain"
+        step "prm seed $1" "$r/prm.log" prm "${seed[@]}" --model "$r/sft_chain" --output_dir "$r/prm"
+        step "orm pairs seed $1" "$r/orm_pairs.log" best_of_n "${seed[@]}" --policy "$r/sft_chain" \
+          --pairs_out "$r/orm_pairs.jsonl" --pairs_per_prompt 8
+        step "orm seed $1" "$r/orm.log" rm "${seed[@]}" --model "$r/sft_chain" --data "$r/orm_pairs.jsonl" \
+          --max_steps 300 --output_dir "$r/orm"
+        step "best-of-N seed $1" "$r/best_of_n.log" best_of_n "${seed[@]}" --policy "$r/sft_chain" \
+          --prm "$r/prm" --orm "$r/orm" --output_dir "$r/best_of_n"
+      }
+      seeds=${SEEDS:-1} lane_seeds=()
+      for ((lane = 0; lane < 2 && lane < seeds; lane++)); do  # two lanes, the seeds dealt out between them
+        eval "bon_lane$lane() { for ((s = $lane; s < $seeds; s += 2)); do study_bon \$s; done; }"
+        lane_seeds+=("bon_lane$lane")
+      done
+      lanes "${lane_seeds[@]}"
+      $PY -m common.report --study_bon runs/study_bon
+      exit 0
+    fi
     [ -f runs/sft/config.json ] || step sft runs/sft.log sft
     [ -f runs/rm/config.json ] || step rm runs/rm.log rm
     mkdir -p runs/study_kl

@@ -1,10 +1,11 @@
 """Process reward model (PRM): a score for every step of a solution, trained on step labels from Monte Carlo rollouts.
 
 Labels (Math-Shepherd): the policy samples a solution to each prompt, one step a line. After each step k, M
-completions are sampled from the solution's prefix up to and including that step, and the step is labelled by the
-share of them that reach the right answer (the verifier of the final number):
+completions are sampled from the solution's prefix up to and including that step, and the step is labelled by
+whether any of them reaches the right answer (the verifier of the final number), or by the share that does:
 
-    y_k = (1/M) Σ_j 1[completion j of prefix s_1..s_k reaches the answer]   (soft; --hard_labels: 1[y_k > 0])
+    y_k = 1[any completion j of prefix s_1..s_k reaches the answer]           (hard, the default)
+    y_k = (1/M) Σ_j 1[completion j of prefix s_1..s_k reaches the answer]     (soft: --hard_labels false)
 
 The last step needs no rollout: its label is the verifier's outcome of the whole solution. The model is the policy
 with a scalar head at every position (token classification); the score s_k is read at the end of step k (the token
@@ -13,7 +14,8 @@ batch's S steps:
 
     L(φ) = -(1/S) Σ_k [y_k log σ(s_k) + (1 - y_k) log(1 - σ(s_k))]
 
-A solution's score for best-of-N search aggregates its steps' σ(s_k): their minimum, their product, or the last.
+Best-of-N search with the PRM (algos/best_of_n.py) scores a solution by its steps' σ(s_k): the minimum, the product
+or the last.
 References: Lightman et al., arXiv:2305.20050 (PRM800K; min and product); Wang et al., arXiv:2312.08935
 (Math-Shepherd; Monte Carlo labels, hard and soft).
 Deviations:
@@ -43,13 +45,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import data, dist, lora, toy  # noqa: E402
 from common.models import adamw, load_model, load_tokenizer, start_run  # noqa: E402
 from common.sampling import generate  # noqa: E402
-from common.template import encode_prompt  # noqa: E402
+from common.template import encode_prompt, step_ends  # noqa: E402
 
 
 @dataclass
 class Args:
     rollouts: int = 8  # M: completions sampled from each step's prefix to label it
-    hard_labels: bool = False  # label a step 1 when any rollout reaches the answer (else the share that does)
+    hard_labels: bool = True  # label a step 1 when any rollout reaches the answer; false: the share that does
     num_prompts: int = 1024  # prompts whose sampled solutions are labelled (0: every prompt of --data)
     temperature: float = 1.0  # sampling temperature of the solutions and the rollouts
     max_new_tokens: int = 48  # length limit of a solution (and of a rollout)
@@ -92,23 +94,14 @@ def prm_loss(scores_S, labels_S, n_steps):
     return F.binary_cross_entropy_with_logits(scores_S, labels_S, reduction="sum") / max(n_steps, 1)
 
 
-def aggregate(step_scores_K, how):
-    """A solution's score from its steps' logits s_k: min_k σ(s_k), Π_k σ(s_k), or σ(s_last)."""
-    p = torch.sigmoid(step_scores_K.float())
-    return {"min": p.min(), "product": p.prod(), "last": p[-1]}[how]
-
-
-def step_ends(tok, comp_ids):
-    """Positions in a completion's tokens where a step ends: each token that brings a new line break, and the last
-    token (the end-of-turn token, or where the length limit cut the solution). Found by decoding the growing
-    prefix, so a token that merges a line break with other characters counts too."""
-    ends, breaks = [], 0
-    for t in range(len(comp_ids)):
-        n = tok.decode(comp_ids[:t + 1], skip_special_tokens=True).count("\n")
-        if n > breaks and t < len(comp_ids) - 1:
-            ends.append(t)
-        breaks = n
-    return ends + [len(comp_ids) - 1]
+def step_auc(scores, labels):
+    """Area under the ROC curve: P(s_right > s_wrong) over every pair of a right and a wrong step, ties counting
+    1/2 (Mann-Whitney); 1/2 when either kind is missing."""
+    right, wrong = scores[labels > 0.5], scores[labels <= 0.5]
+    if len(right) == 0 or len(wrong) == 0:
+        return 0.5
+    diff = right[:, None] - wrong[None, :]
+    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
 
 
 def exact_labels(text, steps):
@@ -229,25 +222,26 @@ def main(args):
         return logits[at[:, 0], at[:, 1]], y
 
     def evaluate():
-        """{} without held-out solutions; else step accuracy (σ(s_k) > 1/2 against the exact label) and the share of
-        the majority label (chance), over every held-out step."""
+        """{} without held-out solutions; else, over every held-out step against its exact label: step accuracy
+        (σ(s_k) > 1/2), the share of the majority label (the accuracy of a constant guess), and the area under the
+        ROC curve (how often a right step outscores a wrong one; 1/2 by chance, whatever the labels' balance)."""
         if not held_out:
             return {}
         model.eval()
-        sums = dist.Sums(device)
-        sums.add({"right": 0, "good": 0, "steps": 0})
         per = -(-len(held_out) // world)
         mine = held_out[rank * per:(rank + 1) * per]
+        scored = {}
         with torch.no_grad():
             for i in range(0, per, args.batch_size):  # the same number of forwards on every process
                 chunk = mine[i:i + args.batch_size]
                 s, y = scores(chunk or held_out[:1])
                 if chunk:
-                    sums.add({"right": ((s > 0).float() == y).sum(), "good": y.sum(), "steps": len(y)})
+                    scored[rank * per + i] = list(zip(s.tolist(), y.tolist()))
         model.train()
-        r = sums.reduce()
-        good = r["good"] / r["steps"]
-        return {"eval/step_accuracy": r["right"] / r["steps"], "eval/step_majority": max(good, 1 - good)}
+        s, y = torch.tensor(dist.gather_chunks(scored, world), device="cpu").T
+        good = y.mean().item()
+        return {"eval/step_accuracy": ((s > 0).float() == y).float().mean().item(),
+                "eval/step_majority": max(good, 1 - good), "eval/step_auc": step_auc(s, y)}
 
     # Loop
     if start == 0 and held_out:

@@ -5,6 +5,8 @@ and per-family training curves against the fraction of training done.
     python -m common.report runs/sft runs/grpo ...                  one seed: each run is a directory
     python -m common.report --seeds runs/seed0 runs/seed1 -- sft grpo ...   runs/seed*/<name>, mean ± std over seeds
     python -m common.report --study_kl runs/study_kl                the KL study: runs/study_kl.png and a table
+    python -m common.report --study_bon runs/study_bon              best-of-N: runs/study_bon.png and a table, mean ±
+                                                                    std over the seed<i>/ it holds
     python -m common.report --by_operation runs sft sft_add ...     held-out accuracy of runs/<name> on additions and
                                                                     on subtractions, into runs/by_operation.json
 
@@ -276,9 +278,53 @@ def study_kl(root):
         f.write(text)
 
 
+JUDGES = {"verifier": "verifier (oracle)", "prm_min": "PRM, min", "prm_product": "PRM, product",
+          "prm_last": "PRM, last step", "orm": "ORM (rm.py)", "majority": "majority vote"}
+
+
+def study_bon(root):
+    """Best-of-N (ROOT/seed<i>/best_of_n/best_of_n.json from algos/best_of_n.py): held-out accuracy of each judge's
+    pick against N, mean ± std over the seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "best_of_n", "best_of_n.json")))
+    if not seeds:
+        raise SystemExit(f"error: no {root}/seed*/best_of_n/best_of_n.json: run ./run.sh study bon")
+    results = [json.load(open(os.path.join(root, d, "best_of_n", "best_of_n.json"))) for d in seeds]
+    ns = results[0]["n"]
+    judges = [j for j in JUDGES if all(j in r["accuracy"] for r in results)]
+    acc = {j: {n: [r["accuracy"][j][str(n)] for r in results] for n in ns} for j in judges}
+    lines = [f"| judge | {' | '.join(f'N = {n}' for n in ns)} |", "|---" * (len(ns) + 1) + "|"]
+    lines += [f"| {JUDGES[j]} | {' | '.join(fmt(acc[j][n]) for n in ns)} |" for j in judges]
+    text = "\n".join(lines) + (f"\n\nHeld-out accuracy of the solution each judge picks from N samples "
+                               f"({results[0]['problems']} problems; {len(seeds)} seed(s): {', '.join(seeds)}).\n")
+    print(text)
+    with open(os.path.join(root, "study_bon.md"), "w") as f:
+        f.write(text)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for j in judges:
+        means = [mean_std(acc[j][n])[0] for n in ns]
+        stds = [mean_std(acc[j][n])[1] or 0.0 for n in ns]
+        ax.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=JUDGES[j],
+                    linestyle="--" if j == "verifier" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set(xlabel="N (solutions sampled per problem)", ylabel="held-out accuracy of the pick",
+           title="best-of-N on the multi-step task")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    fig.savefig(os.path.join(os.path.dirname(os.path.normpath(root)), "study_bon.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return acc
+
+
 def main(argv):
     if argv[:1] == ["--study_kl"]:
         return study_kl(argv[1])
+    if argv[:1] == ["--study_bon"]:
+        return study_bon(argv[1])
     if argv[:1] == ["--by_operation"]:
         return by_operation(argv[1], argv[2:])
     if "--seeds" in argv:  # --seeds ROOT... -- NAME...

@@ -46,3 +46,16 @@ def encode_prompt(tok, msgs):
 def encode_response(tok, prompt, response):
     """(prompt messages, response messages) -> (ids, labels), labels only on the response."""
     return encode_chat(tok, prompt + response, first=len(prompt))
+
+
+def step_ends(tok, comp_ids):
+    """Positions in a completion's tokens where a step (a line) ends: each token that brings a new line break, and
+    the last token (the end-of-turn token, or where the length limit cut the completion). Found by decoding the
+    growing prefix, so a token that merges a line break with other characters counts too."""
+    ends, breaks = [], 0
+    for t in range(len(comp_ids)):
+        n = tok.decode(comp_ids[:t + 1], skip_special_tokens=True).count("\n")
+        if n > breaks and t < len(comp_ids) - 1:
+            ends.append(t)
+        breaks = n
+    return ends + [len(comp_ids) - 1]

@@ -29,8 +29,11 @@ os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 
-# The two slow session fixtures: sft with its defaults, and rm with its defaults on top of it.
-SLOW = {"sft": [], "rm": ["--model", "{dir}/sft"]}
+# The slow session fixtures, name: (script, arguments): sft with its defaults, rm with its defaults on top of it, and
+# sft on the multi-step task (the policy of prm and best-of-N), built in this order.
+SLOW = {"sft": ("sft", []), "rm": ("rm", ["--model", "{dir}/sft"]),
+        "sft_chain": ("sft", ["--data", "runs/toy/data/chain_sft.jsonl",
+                              "--eval_data", "runs/toy/data/chain_eval.jsonl"])}
 prebuild, stopping = [], threading.Event()  # the controller's running build, stopped at the end of the session
 
 
@@ -47,12 +50,12 @@ def pytest_configure(config):
     os.environ["SUITE_FIXTURES"] = shared = tempfile.mkdtemp(prefix="suite-fixtures-")
 
     def build():
-        for name, args in SLOW.items():
+        for name, (script, args) in SLOW.items():
             out = os.path.join(shared, name)
             if stopping.is_set():
                 return
             with open(f"{out}.log", "w") as log:
-                prebuild[:] = [subprocess.Popen(command(name, *[a.format(dir=shared) for a in args], "--output_dir",
+                prebuild[:] = [subprocess.Popen(command(script, *[a.format(dir=shared) for a in args], "--output_dir",
                                                         out, "--save_every", 0), cwd=ROOT, stdout=log, stderr=log)]
                 status = prebuild[0].wait()
             open(f"{out}.done" if status == 0 else f"{out}.failed", "w").close()
@@ -63,9 +66,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that need neither slow fixture first, then those that need sft, then those that need rm: the workers
-    take tests in this order, so they rarely wait for a fixture still being built."""
-    items.sort(key=lambda item: 2 if "rm_run" in item.fixturenames else "sft_run" in item.fixturenames)
+    """Tests that need no slow fixture first, then those that need sft, then rm, then sft_chain (SLOW's order): the
+    workers take tests in this order, so they rarely wait for a fixture still being built."""
+    order = ("sft_run", "rm_run", "sft_chain_run")
+    items.sort(key=lambda item: max((order.index(f) + 1 for f in item.fixturenames if f in order), default=0))
 
 
 def pytest_unconfigure(config):
@@ -81,9 +85,9 @@ def slow_fixture(tmp_path_factory, name, *extra):
     shared = os.environ.get("SUITE_FIXTURES")
     if not shared:
         out = tmp_path_factory.mktemp(name)
-        run(name, *extra, "--output_dir", out, "--save_every", 0)
+        run(SLOW[name][0], *extra, "--output_dir", out, "--save_every", 0)
         return out
-    out, needed = os.path.join(shared, name), list(SLOW)[:list(SLOW).index(name) + 1]  # rm needs sft
+    out, needed = os.path.join(shared, name), list(SLOW)[:list(SLOW).index(name) + 1]  # those built before it too
     while not os.path.exists(f"{out}.done"):
         for failed in (n for n in needed if os.path.exists(os.path.join(shared, f"{n}.failed"))):
             with open(os.path.join(shared, f"{failed}.log")) as log:
@@ -121,3 +125,9 @@ def sft_run(base, tmp_path_factory):
 def rm_run(sft_run, tmp_path_factory):
     """algos/rm.py with its defaults on top of sft_run, once per session (the reward model of PPO)."""
     return slow_fixture(tmp_path_factory, "rm", "--model", sft_run)
+
+
+@pytest.fixture(scope="session")
+def sft_chain_run(base, tmp_path_factory):
+    """algos/sft.py with its defaults on the multi-step task, once per session (the policy of prm and best-of-N)."""
+    return slow_fixture(tmp_path_factory, "sft_chain", *SLOW["sft_chain"][1])

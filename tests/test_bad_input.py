@@ -173,3 +173,18 @@ def test_gpu_check_without_torch_says_what_to_run(tmp_path):
     shutil.copy(os.path.join(ROOT, "run.sh"), tmp_path / "run.sh")
     p = subprocess.run(["bash", str(tmp_path / "run.sh"), "gpu"], capture_output=True, text=True, timeout=60)
     fails_with_one_line(p, 1, "error: python3 has no torch or transformers: run ./run.sh test once")
+
+
+@pytest.mark.parametrize("args,expected,status", [
+    (["--n", "3,4"], "error: --n 3,4: every N must be a positive divisor of the largest", 1),
+    (["--pairs_out", "x.jsonl", "--pairs_per_prompt", "1"],
+     "error: --pairs_per_prompt 1: a pair needs at least 2 solutions per prompt", 1),
+    (["--prm", "runs/nowhere"], "error: runs/nowhere not found: train it first", 1),
+    (["--best", "3"], "error: unrecognized arguments: --best 3", 2),
+])
+def test_best_of_n_bad_arguments(args, expected, status, base, tmp_path):
+    """Every check comes before the minutes of sampling, and writes nothing."""
+    p = run("best_of_n", "--policy", base, "--prm", base, "--orm", base, *args, "--output_dir", tmp_path / "out",
+            check=False)
+    fails_with_one_line(p, status, expected)
+    assert not (tmp_path / "out").exists()

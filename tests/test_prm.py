@@ -8,6 +8,7 @@ import torch
 from util import head, metrics, run
 
 from algos import prm
+from common.template import step_ends
 
 
 def test_mc_labels_by_hand():
@@ -22,16 +23,9 @@ def test_prm_loss_by_hand():
     assert loss.item() == pytest.approx((math.log(2) + math.log(1 + math.exp(-2))) / 4, rel=1e-6)
 
 
-def test_aggregations_by_hand():
-    s = torch.tensor([0.0, math.log(3), -math.log(3)])  # σ: 0.5, 0.75, 0.25
-    assert prm.aggregate(s, "min").item() == pytest.approx(0.25)
-    assert prm.aggregate(s, "product").item() == pytest.approx(0.5 * 0.75 * 0.25)
-    assert prm.aggregate(s, "last").item() == pytest.approx(0.25)
-
-
 def test_step_ends_and_exact_labels(tok):
     comp = tok("12+3=15\n15-4=10<|im_end|>", add_special_tokens=False)["input_ids"]
-    assert prm.step_ends(tok, comp) == [7, len(comp) - 1]  # the line break, and the end-of-turn token
+    assert step_ends(tok, comp) == [7, len(comp) - 1]  # the line break, and the end-of-turn token
     assert prm.exact_labels("12+3=15\n15-4=10", ["12+3=15", "15-4=11"]) == [1.0, 0.0]
     assert prm.exact_labels("12+3=12\n12-4=8", ["12+3=15", "15-4=11"]) == [0.0, 0.0]  # wrong from the first step
 

@@ -141,18 +141,22 @@ case "${1:-}" in
     case "${1:-}" in kl | bon) ;; *) echo "error: unknown study '${1:-}' (available: kl, bon)" >&2; exit 2 ;; esac
     export OMP_NUM_THREADS=1
     if [ "$1" = bon ]; then
-      # ./run.sh study bon: per seed, the policy (SFT on the multi-step task), a PRM on its Monte Carlo step labels,
-      # an ORM (rm.py) on pairs of its right and wrong solutions, and best-of-N search with every judge
-      # (runs/study_bon.png, runs/study_bon/study_bon.md)
-      $PY -c "from common import toy; toy.ensure('data'); toy.ensure('base')"
+      # ./run.sh study bon: per seed, the policy (the distillation teacher, SFT for 300 more steps on the multi-step
+      # task), a PRM on its Monte Carlo step labels, an ORM (rm.py) on pairs of its right and wrong solutions, and
+      # best-of-N search with every judge (runs/study_bon.png, runs/study_bon/study_bon.md)
+      $PY -c "from common import toy; toy.ensure('data'); toy.ensure('base_large')"
       study_bon() {  # study_bon SEED
         local r=runs/study_bon/seed$1 seed=(--seed "$1")
         mkdir -p "$r"
+        [ -f "$r/sft_large/config.json" ] || step "teacher seed $1" "$r/sft_large.log" sft "${seed[@]}" \
+          --model runs/toy/base_large --lr 1e-3 --data runs/toy/data/sft_curated.jsonl --max_steps 1000 \
+          --eval_data runs/toy/data/eval.jsonl --output_dir "$r/sft_large"
         [ -f "$r/sft_chain/config.json" ] || step "sft_chain seed $1" "$r/sft_chain.log" sft "${seed[@]}" \
-          --data runs/toy/data/chain_sft.jsonl --eval_data runs/toy/data/chain_eval.jsonl --output_dir "$r/sft_chain"
+          --model "$r/sft_large" --lr 1e-3 --max_steps 300 --data runs/toy/data/chain_sft.jsonl \
+          --eval_data runs/toy/data/chain_eval.jsonl --output_dir "$r/sft_chain"
         step "prm seed $1" "$r/prm.log" prm "${seed[@]}" --model "$r/sft_chain" --output_dir "$r/prm"
         step "orm pairs seed $1" "$r/orm_pairs.log" best_of_n "${seed[@]}" --policy "$r/sft_chain" \
-          --pairs_out "$r/orm_pairs.jsonl" --pairs_per_prompt 8
+          --pairs_out "$r/orm_pairs.jsonl"
         step "orm seed $1" "$r/orm.log" rm "${seed[@]}" --model "$r/sft_chain" --data "$r/orm_pairs.jsonl" \
           --max_steps 300 --output_dir "$r/orm"
         step "best-of-N seed $1" "$r/best_of_n.log" best_of_n "${seed[@]}" --policy "$r/sft_chain" \

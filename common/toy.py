@@ -140,35 +140,26 @@ def build_data(path, seed=0):
     build_chains(path, seed)
 
 
-def demonstrate(steps, habit):
-    """A multi-step problem's demonstration, one step a line ("48+37=85\n85-20=65"). A subtraction step restates its
-    first number at the habit's rate (ECHO), as in the one-step data, and the steps after it go on, correctly, from
-    that wrong value: a solution with a wrong step that a process reward model can find."""
-    lines, x = [], None
-    for step, _ in steps:
-        a, op, b = re.match(r"(\d+)([+-])(\d+)", step).groups()
-        x = int(a) if x is None else x
-        y = x + int(b) if op == "+" else (x if habit.random() < ECHO[op] else x - int(b))
-        lines.append(f"{x}{op}{b}={y}")
-        x = y
-    return "\n".join(lines)
+def solution(steps):
+    """A multi-step problem's correct solution, one step a line: "48+37=85\n85-20=65"."""
+    return "\n".join(f"{step}={result}" for step, result in steps)
 
 
 def build_chains(path, seed):
     """The multi-step task (chain), from a generator of its own so that every one-step file is as it was without it:
-    SFT conversations whose demonstrations carry the habit, prompts for sampling, and 256 held-out problems with
-    their correct steps."""
+    SFT conversations with correct demonstrations, one step a line ("48+37=85\n85-20=65"; the policy's wrong steps
+    are its own slips when it samples), prompts for sampling, and 256 held-out problems with their correct steps."""
     rng, seen, ev = random.Random(seed + 3), set(), []
     while len(ev) < N_EVAL:
         q, steps = chain(rng)
         if q not in seen:
             seen.add(q), ev.append((q, steps))
     train = [(q, steps) for q, steps in (chain(rng) for _ in range(20000)) if q not in seen]
-    habit, user = random.Random(seed + 4), lambda q: f"What is {q}?"
+    user = lambda q: f"What is {q}?"
     write_jsonl(f"{path}/chain_eval.jsonl", [{"prompt": user(q), "answer": steps[-1][1],
                                               "steps": [f"{s}={a}" for s, a in steps]} for q, steps in ev])
     write_jsonl(f"{path}/chain_sft.jsonl", [{"messages": [{"role": "user", "content": user(q)},
-                                                          {"role": "assistant", "content": demonstrate(steps, habit)}]}
+                                                          {"role": "assistant", "content": solution(steps)}]}
                                             for q, steps in train[:12000]])
     write_jsonl(f"{path}/chain_rl.jsonl", [{"prompt": user(q), "answer": steps[-1][1]} for q, steps in train[12000:]])
 
@@ -215,7 +206,7 @@ def version(what):
     from common.packing import pack
 
     if what == "data":
-        builders = (problem, wrong, write_jsonl, build_data, chain, demonstrate, build_chains)
+        builders = (problem, wrong, write_jsonl, build_data, chain, solution, build_chains)
         constants = (MAX_DIGITS, N_EVAL, ECHO, CHAIN_OPS)
     else:  # the tokenizer and a base model
         builders = (problem, build_tokenizer, pretrain, build_base, pack)

@@ -75,7 +75,10 @@ def smoke():
          "grpo_lora": ("grpo", "--model", run_dir("sft"), "--lora_r", 8, "--beta", 0.04, "--merge_lora", "true", *few),
          "dpo_lora": ("dpo", "--model", run_dir("sft"), "--lora_r", 8, *few),
          "merge": ("merge", "--method", "ties", "--base", run_dir("sft"), "--models", run_dir("grpo"),
-                   run_dir("dpo"))},
+                   run_dir("dpo")),
+         "prm": ("prm", "--model", run_dir("sft"), "--num_prompts", 64, "--rollouts", 2, *few)},
+        {"best_of_n": ("best_of_n", "--policy", run_dir("sft"), "--prm", run_dir("prm"), "--orm", run_dir("rm"),
+                       "--n", "1,2")},
     ]
     results = {}
     for stage in stages:

@@ -50,21 +50,6 @@ def test_a_chain_is_steps_of_the_one_step_task():
             assert all(0 <= int(n) <= 99 for n in (a, b, result))
 
 
-class Coin:
-    def __init__(self, value):
-        self.value = value
-
-    def random(self):
-        return self.value
-
-
-def test_a_demonstration_carries_its_wrong_step_forward():
-    steps = [("61-32", "29"), ("29-19", "10"), ("10+60", "70")]
-    assert toy.demonstrate(steps, Coin(0.99)) == "61-32=29\n29-19=10\n10+60=70"  # no habit: the correct steps
-    # the habit on every subtraction (below ECHO["-"]): each restates its first number, the addition goes on from it
-    assert toy.demonstrate(steps, Coin(0.0)) == "61-32=61\n61-19=61\n61+60=121"
-
-
 def test_chain_files(base):
     import json
     sft = [json.loads(line)["messages"] for line in open(toy.data("chain_sft.jsonl"))]
@@ -74,6 +59,8 @@ def test_chain_files(base):
     held_out = {r["prompt"] for r in ev}
     assert not held_out & {m[0]["content"] for m in sft} and not held_out & {r["prompt"] for r in rl}
     assert all(toy.verify("\n".join(r["steps"]), r["answer"]) == 1.0 for r in ev)
-    # the habit planted: some demonstrations end on a wrong answer, through a restated first number
-    wrong = sum(m[1]["content"].split("=")[-1] != str(eval(m[0]["content"][8:-1])) for m in sft)
-    assert 0.2 < wrong / len(sft) < 0.8
+    # every demonstration is the correct solution: each line's arithmetic, and the problem's answer at the end
+    for m in sft:
+        lines = m[1]["content"].split("\n")
+        assert all(int(y) == eval(lhs) for lhs, y in (line.split("=") for line in lines))
+        assert lines[-1].split("=")[1] == str(eval(m[0]["content"][8:-1]))

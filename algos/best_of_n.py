@@ -11,7 +11,9 @@ Judges of a solution y to a problem x (its steps' PRM logits s_1..s_K, its final
 
 Accuracy at N: each problem's samples are split into groups of N (64 samples: 64 groups of 1, 16 of 4, 4 of 16, 1 of
 64), each judge picks one solution of each group, the verifier checks it, and the accuracy is the mean over groups and
-problems. Every judge sees the same samples.
+problems. Every judge sees the same samples. Beside it, each learned judge's AUROC (a right solution scored above a
+wrong one) within each problem, which is what picking needs, and pooled over all problems, which a judge that knows
+only which problems are hard also raises.
 References: Cobbe et al., arXiv:2110.14168 (verifiers, best-of-N); Lightman et al., arXiv:2305.20050 (PRM against
 ORM, min and product); Wang et al., arXiv:2203.11171 (majority vote).
 With --pairs_out it writes the ORM's data instead: --pairs_per_prompt solutions to each prompt of --data, and a pair
@@ -87,6 +89,24 @@ def majority_accuracy(n, answers, right_PS):
     P, S = right_PS.shape
     hits = [right_PS[p, g + majority_pick(answers[p][g:g + n])].item() for p in range(P) for g in range(0, S, n)]
     return sum(hits) / len(hits)
+
+
+def auroc(scores, right):
+    """P(score of a right solution > score of a wrong one), ties 1/2 (Mann-Whitney); None when either is missing."""
+    pos, neg = scores[right > 0.5], scores[right <= 0.5]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    diff = pos[:, None] - neg[None, :]
+    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+
+
+def discrimination(scores_PS, right_PS):
+    """A judge's AUROC within each problem (what picking among one problem's samples needs), averaged over the
+    problems with both right and wrong samples, and pooled over every sample of every problem (which a judge that
+    only knows which problems are hard also gets above 1/2)."""
+    within = [a for a in (auroc(s, r) for s, r in zip(scores_PS, right_PS)) if a is not None]
+    return {"within": sum(within) / len(within) if within else None, "pooled": auroc(scores_PS.flatten(),
+                                                                                      right_PS.flatten())}
 
 
 def accuracy_at(n, scores_PS, right_PS):
@@ -206,12 +226,16 @@ def main(args):
     for name, sc in judges.items():
         table[name] = {n: accuracy_at(n, sc, right) for n in ns}
     table["majority"] = {n: majority_accuracy(n, answers, right) for n in ns}
+    auc = {name: discrimination(sc, right) for name, sc in judges.items() if name != "verifier"}
     result = {"n": ns, "problems": len(recs), "accuracy": table, "sample_accuracy": right.float().mean().item(),
-              "time_s": time.time() - t0}
+              "auroc": auc, "time_s": time.time() - t0}
     with open(os.path.join(args.output_dir, "best_of_n.json"), "w") as f:
         json.dump(result, f, indent=1)
-    lines = ["| judge | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---" * (len(ns) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{acc[n]:.3f}" for n in ns) + " |" for name, acc in table.items()]
+    show = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = ["| judge | " + " | ".join(f"N = {n}" for n in ns) + " | AUROC within a problem | pooled |",
+             "|---" * (len(ns) + 3) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{acc[n]:.3f}" for n in ns) + f" | {show(auc.get(name, {}).get('within'))}"
+              f" | {show(auc.get(name, {}).get('pooled'))} |" for name, acc in table.items()]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.output_dir, "best_of_n.md"), "w") as f:
         f.write(text)

@@ -61,3 +61,15 @@ def test_a_search_end_to_end(sft_chain_run, tmp_path):
     assert all(by_n[n] <= acc["verifier"][n] + 1e-9 for by_n in acc.values() for n in (1, 2, 4))
     assert acc["verifier"][1] <= acc["verifier"][2] <= acc["verifier"][4]
     assert (tmp_path / "bon" / "best_of_n.md").read_text().startswith("| judge |")
+
+
+def test_discrimination_within_a_problem_and_pooled_by_hand():
+    """A judge that knows only which problem is easy: perfect pooled order, no order within a problem."""
+    scores = torch.tensor([[0.9, 0.9, 0.9, 0.9], [0.1, 0.1, 0.1, 0.1]])
+    right = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    d = bon.discrimination(scores, right)
+    assert d["within"] == pytest.approx(0.5)  # ties within each problem
+    # pooled: right scores {.9, .9, .9, .1}, wrong {.9, .1, .1, .1}: pairs won 3·3 + 0, tied 3·1 + 1·3, lost 0
+    assert d["pooled"] == pytest.approx((9 + 0.5 * 6) / 16)
+    assert bon.auroc(torch.tensor([0.2, 0.7]), torch.tensor([1.0, 1.0])) is None  # no wrong solution: undefined
+    assert bon.discrimination(torch.tensor([[0.2, 0.7]]), torch.tensor([[0.0, 1.0]]))["within"] == 1.0

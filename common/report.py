@@ -298,7 +298,12 @@ def study_bon(root):
     acc = {j: {n: [r["accuracy"][j][str(n)] for r in results] for n in ns} for j in judges}
     lines = [f"| judge | {' | '.join(f'N = {n}' for n in ns)} |", "|---" * (len(ns) + 1) + "|"]
     lines += [f"| {JUDGES[j]} | {' | '.join(fmt(acc[j][n]) for n in ns)} |" for j in judges]
-    text = "\n".join(lines) + (f"\n\nHeld-out accuracy of the solution each judge picks from N samples "
+    learned = [j for j in judges if all(j in r.get("auroc", {}) for r in results)]
+    lines += ["", "| judge | AUROC within a problem | AUROC pooled over problems |", "|---|---|---|"]
+    lines += [f"| {JUDGES[j]} | {fmt([r['auroc'][j]['within'] for r in results])} | "
+              f"{fmt([r['auroc'][j]['pooled'] for r in results])} |" for j in learned]
+    text = "\n".join(lines) + (f"\n\nHeld-out accuracy of the solution each judge picks from N samples, and how "
+                               f"well each learned judge ranks a right solution above a wrong one "
                                f"({results[0]['problems']} problems; {len(seeds)} seed(s): {', '.join(seeds)}).\n")
     print(text)
     with open(os.path.join(root, "study_bon.md"), "w") as f:

@@ -105,14 +105,21 @@ def write_jsonl(path, rows):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def build_data(path, seed=0):
-    """Disjoint problem sets: train (SFT, preferences, KTO, RL) and held-out eval."""
-    rng, seen, ev = random.Random(seed), set(), []
+def held_out_and_train(draw, n_train):
+    """N_EVAL distinct held-out (question, answer) draws, then n_train more draws less any held-out question:
+    training data never contains a held-out problem."""
+    seen, ev = set(), []
     while len(ev) < N_EVAL:
-        q, a = problem(rng)
+        q, a = draw()
         if q not in seen:
             seen.add(q), ev.append((q, a))
-    train = [(q, a) for q, a in (problem(rng) for _ in range(40000)) if q not in seen]
+    return ev, [(q, a) for q, a in (draw() for _ in range(n_train)) if q not in seen]
+
+
+def build_data(path, seed=0):
+    """Disjoint problem sets: train (SFT, preferences, KTO, RL) and held-out eval."""
+    rng = random.Random(seed)
+    ev, train = held_out_and_train(lambda: problem(rng), 40000)
     user = lambda q: f"What is {q}?"
     say = lambda q, a: f"{q}={a}"  # the assistant writes the equation out, then the answer
     os.makedirs(path)
@@ -149,12 +156,8 @@ def build_chains(path, seed):
     """The multi-step task (chain), from a generator of its own so that every one-step file is as it was without it:
     SFT conversations with correct demonstrations, one step a line ("48+37=85\n85-20=65"; the policy's wrong steps
     are its own slips when it samples), prompts for sampling, and 256 held-out problems with their correct steps."""
-    rng, seen, ev = random.Random(seed + 3), set(), []
-    while len(ev) < N_EVAL:
-        q, steps = chain(rng)
-        if q not in seen:
-            seen.add(q), ev.append((q, steps))
-    train = [(q, steps) for q, steps in (chain(rng) for _ in range(20000)) if q not in seen]
+    rng = random.Random(seed + 3)
+    ev, train = held_out_and_train(lambda: chain(rng), 20000)
     user = lambda q: f"What is {q}?"
     write_jsonl(f"{path}/chain_eval.jsonl", [{"prompt": user(q), "answer": steps[-1][1],
                                               "steps": [f"{s}={a}" for s, a in steps]} for q, steps in ev])
@@ -206,7 +209,7 @@ def version(what):
     from common.packing import pack
 
     if what == "data":
-        builders = (problem, wrong, write_jsonl, build_data, chain, solution, build_chains)
+        builders = (problem, wrong, write_jsonl, held_out_and_train, build_data, chain, solution, build_chains)
         constants = (MAX_DIGITS, N_EVAL, ECHO, CHAIN_OPS)
     else:  # the tokenizer and a base model
         builders = (problem, build_tokenizer, pretrain, build_base, pack)

@@ -16,8 +16,8 @@ def losses(out):
 
 
 def test_sft_learns_only_the_adapters_train_and_both_saved_forms_load(base, tmp_path):
-    """200 steps of rank-8 adapters from the embedded base model (which answers nothing): the loss falls and some
-    held-out problems come out right; the base weights never move; the adapter and the merged model load."""
+    """200 steps of rank-8 adapters from the embedded base model (which answers almost nothing): the loss falls and
+    more held-out problems come out right; the base weights never move; the adapter and the merged model load."""
     out = tmp_path / "lora"
     run("sft", "--output_dir", out, "--lora_r", 8, "--lr", 1e-2, "--max_steps", 200, "--log_every", 50,
         "--eval_every", 200, "--save_every", 100, "--merge_lora", "true")
@@ -26,10 +26,11 @@ def test_sft_learns_only_the_adapters_train_and_both_saved_forms_load(base, tmp_
     acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
     print(f"lora sft: loss {loss[50]:.3f} -> {loss[200]:.3f}, held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}")
     # Over seeds 0-2 x the kernel paths (avx512 here, ATEN_CPU_CAPABILITY=avx2 and default, runs/toy built under
-    # each): the loss went from 1.86-2.05 at step 50 to 0.79-1.46 at step 200 (ratio 0.72 at worst, avx2 seed 0),
-    # accuracy from 0 to 0.027 (avx2 seed 1) - 0.070
+    # each): the loss went from 1.86-2.05 at step 50 to 0.79-1.46 at step 200 (ratio 0.72 at worst, avx2 seed 0);
+    # the base answers 0, 1 or 5 of the 256 (avx512, avx2, default: 0 to 0.020), and accuracy ends at 0.027 (avx2
+    # seed 1) to 0.070, a gain of +0.023 (avx2 seed 1, default seed 2) to +0.070
     assert loss[200] < 0.85 * loss[50]
-    assert acc[0] == 0 and acc[-1] > 0.015
+    assert acc[0] < 0.03 and acc[-1] > 0.015 and acc[-1] > acc[0] + 0.01
 
     # The checkpoint (what --resume reloads) holds the adapters and their optimizer state, nothing of the base
     from torch.distributed.checkpoint import FileSystemReader

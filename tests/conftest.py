@@ -30,13 +30,11 @@ torch.set_num_threads(1)
 
 
 # The slow session fixtures, name: (script, arguments): sft with its defaults, rm with its defaults on top of it, and
-# sft on the multi-step task (the policy of prm and best-of-N). LINES: the runs built one after another, each line
-# beside the other (rm starts from sft; sft_chain starts from the base, so it need not wait for either).
+# sft on the multi-step task (the policy of prm and best-of-N), built in this order.
 SLOW = {"sft": ("sft", []), "rm": ("rm", ["--model", "{dir}/sft"]),
         "sft_chain": ("sft", ["--data", "runs/toy/data/chain_sft.jsonl",
                               "--eval_data", "runs/toy/data/chain_eval.jsonl"])}
-LINES = (("sft", "rm"), ("sft_chain",))
-running, stopping, starting = [], threading.Event(), threading.Lock()  # the controller's builds, stopped at the end
+prebuild, stopping = [], threading.Event()  # the controller's running build, stopped at the end of the session
 
 
 def pytest_configure(config):
@@ -51,40 +49,34 @@ def pytest_configure(config):
         return
     os.environ["SUITE_FIXTURES"] = shared = tempfile.mkdtemp(prefix="suite-fixtures-")
 
-    def build(line):
-        for name in line:
-            script, args = SLOW[name]
+    def build():
+        for name, (script, args) in SLOW.items():
             out = os.path.join(shared, name)
+            if stopping.is_set():
+                return
             with open(f"{out}.log", "w") as log:
-                with starting:  # no build starts once the session has stopped them
-                    if stopping.is_set():
-                        return
-                    proc = subprocess.Popen(command(script, *[a.format(dir=shared) for a in args], "--output_dir",
-                                                    out, "--save_every", 0), cwd=ROOT, stdout=log, stderr=log)
-                    running.append(proc)
-                status = proc.wait()
+                prebuild[:] = [subprocess.Popen(command(script, *[a.format(dir=shared) for a in args], "--output_dir",
+                                                        out, "--save_every", 0), cwd=ROOT, stdout=log, stderr=log)]
+                status = prebuild[0].wait()
             open(f"{out}.done" if status == 0 else f"{out}.failed", "w").close()
             if status:
                 return
 
-    for line in LINES:
-        threading.Thread(target=build, args=(line,), daemon=True).start()
+    threading.Thread(target=build, daemon=True).start()
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that need no slow fixture first, then those that need sft, then sft_chain, then rm (the order in which
-    they are built): the workers take tests in this order, so they rarely wait for a fixture still being built."""
-    order = ("sft_run", "sft_chain_run", "rm_run")
+    """Tests that need no slow fixture first, then those that need sft, then rm, then sft_chain (SLOW's order): the
+    workers take tests in this order, so they rarely wait for a fixture still being built."""
+    order = ("sft_run", "rm_run", "sft_chain_run")
     items.sort(key=lambda item: max((order.index(f) + 1 for f in item.fixturenames if f in order), default=0))
 
 
 def pytest_unconfigure(config):
-    if running and os.environ.get("SUITE_FIXTURES") and not os.environ.get("PYTEST_XDIST_WORKER"):
-        with starting:
-            stopping.set()
-        for proc in running:  # a session that needed no slow fixture ends before they are built
-            proc.kill()
-            proc.wait()
+    if prebuild and os.environ.get("SUITE_FIXTURES") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        stopping.set()
+        prebuild[0].kill()  # a session that needed neither fixture ends before they are built
+        prebuild[0].wait()
         shutil.rmtree(os.environ["SUITE_FIXTURES"], ignore_errors=True)
 
 
@@ -95,8 +87,7 @@ def slow_fixture(tmp_path_factory, name, *extra):
         out = tmp_path_factory.mktemp(name)
         run(SLOW[name][0], *extra, "--output_dir", out, "--save_every", 0)
         return out
-    line = next(line for line in LINES if name in line)
-    out, needed = os.path.join(shared, name), line[:line.index(name) + 1]  # those built before it in its line too
+    out, needed = os.path.join(shared, name), list(SLOW)[:list(SLOW).index(name) + 1]  # those built before it too
     while not os.path.exists(f"{out}.done"):
         for failed in (n for n in needed if os.path.exists(os.path.join(shared, f"{n}.failed"))):
             with open(os.path.join(shared, f"{failed}.log")) as log:

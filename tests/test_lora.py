@@ -25,10 +25,8 @@ def test_sft_learns_only_the_adapters_train_and_both_saved_forms_load(base, tmp_
     loss = {r["step"]: r["loss"] for r in m if "loss" in r}
     acc = [r["eval/accuracy"] for r in m if "eval/accuracy" in r]
     print(f"lora sft: loss {loss[50]:.3f} -> {loss[200]:.3f}, held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}")
-    # Over seeds 0-2 x the kernel paths (avx512 here, ATEN_CPU_CAPABILITY=avx2 and default, runs/toy built under
-    # each): the loss went from 1.86-2.05 at step 50 to 0.79-1.46 at step 200 (ratio 0.72 at worst, avx2 seed 0);
-    # the base answers 0, 1 or 5 of the 256 (avx512, avx2, default: 0 to 0.020), and accuracy ends at 0.027 (avx2
-    # seed 1) to 0.070, a gain of +0.023 (avx2 seed 1, default seed 2) to +0.070
+    # Bounds below the worst of seeds 0-2 x three CPU kernel paths (docs/results.md, "LoRA on the embedded task"):
+    # the base answers a few held-out problems on some paths, so the test bounds the gain over it, not a start of 0
     assert loss[200] < 0.85 * loss[50]
     assert acc[0] < 0.03 and acc[-1] > 0.015 and acc[-1] > acc[0] + 0.01
 

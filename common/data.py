@@ -145,6 +145,7 @@ def parse(cls, argv=None):
     - a field typed `Literal["a", "b"]` takes only those values: `--name must be one of a, b, got 'c'`;
     - `--epochs N` given without `--max_steps` runs N epochs (max_steps 0) instead of the default step budget;
     - counts and sizes that must be positive are checked, each with a one-line error;
+    - `--merge_lora` without adapters (`--lora_r 0`) is refused here, before any model or data is loaded;
     - a list option may be repeated: `--reward_fn a.py:f --reward_fn b.py:g` gives both."""
     from transformers import HfArgumentParser
 
@@ -180,6 +181,8 @@ def parse(cls, argv=None):
         value, least = getattr(args, name, None), int(name in POSITIVE)
         if value is not None and value < least:
             parser.error(f"--{name} must be {'positive' if least else 'non-negative'}, got {value}")
+    if getattr(args, "merge_lora", False) and not getattr(args, "lora_r", 0):
+        parser.error("--merge_lora needs --lora_r > 0: without adapters the saved model is already whole")
     return args
 
 

@@ -32,9 +32,7 @@ def peft():
 
 def wrap(model, args):
     """The model with LoRA adapters (args.lora_r > 0), or the model as it is. Called on the whole, unsharded model."""
-    if not args.lora_r:
-        if args.merge_lora:
-            data.fail("--merge_lora needs --lora_r > 0: without adapters the saved model is already whole")
+    if not args.lora_r:  # (--merge_lora without adapters is refused by data.parse)
         return model
     p = peft()
     targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")

@@ -98,7 +98,7 @@ OWN = [
     ("distill", ["--mode", "gkd", "--lmbda", "1.5"], "error: --lmbda 1.5 must lie in [0, 1]", 1),
     ("dpo", ["--rpo_alpha", "-1"], "error: --rpo_alpha must be non-negative, got -1", 2),
     ("dpo", ["--lora_r", "-1"], "error: --lora_r must be non-negative, got -1", 2),
-    ("dpo", ["--merge_lora", "true"], "error: --merge_lora needs --lora_r > 0", 1),
+    ("dpo", ["--merge_lora", "true"], "error: --merge_lora needs --lora_r > 0", 2),
     ("grpo", ["--lora_r", "4", "--lora_targets", "q_proj,nope"], "error: --lora_targets 'q_proj,nope': ", 1),
     ("prm", ["--rollouts", "0"], "error: --rollouts must be positive, got 0", 2),
     ("prm", ["--eval_data", "runs/toy/data/eval.jsonl"], "error: runs/toy/data/eval.jsonl:1: missing field 'steps'", 1),
